@@ -1,0 +1,92 @@
+"""Optimizer parameter groups and learning-rate schedules.
+
+AdamW (Loshchilov & Hutter, 2019) decouples weight decay from the gradient step:
+    theta <- theta - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * theta)
+Biases and normalisation weights are conventionally left undecayed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from .errors import MfkitError, check_choice
+
+SCHEDULES = ("constant", "linear", "cosine", "slanted")
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """True for parameters AdamW should not decay: biases and 1-D norm/scale weights."""
+    return param.ndim < 2 or name.endswith(".bias")
+
+
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float,
+    lr_for: Callable[[str], float] | None = None,
+) -> list[dict]:
+    """Split trainable parameters into decay/no-decay groups, optionally with a per-parameter learning rate.
+
+    `lr_for(name)` returns the learning rate of parameter `name` (e.g. layer-wise decayed rates); parameters with
+    equal (rate, decay) share a group. Frozen parameters (requires_grad=False) are left out.
+    """
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    names: dict[tuple[float, float], list[str]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = (lr_for(name) if lr_for else lr, 0.0 if no_decay(name, param) else weight_decay)
+        groups.setdefault(key, []).append(param)
+        names.setdefault(key, []).append(name)
+    if not groups:
+        raise MfkitError("The model has no trainable parameters.", "unfreeze some parameters before training.")
+    return [
+        {"params": params, "lr": key[0], "weight_decay": key[1], "names": names[key]}
+        for key, params in groups.items()
+    ]
+
+
+def make_optimizer(groups: Iterable[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; fused kernels on CUDA (one launch for all parameters), multi-tensor `foreach` elsewhere."""
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=None if fused else True)
+
+
+def warmup_steps_of(warmup: float | int, max_steps: int) -> int:
+    """`warmup` < 1 is a fraction of `max_steps`; otherwise a number of steps."""
+    if warmup < 0:
+        raise MfkitError(f"warmup={warmup} is negative.", "use a fraction in [0, 1) or a number of steps.")
+    return int(round(warmup * max_steps)) if warmup < 1 else int(warmup)
+
+
+def lr_multiplier(step: int, max_steps: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """The factor applied to each group's base learning rate after `step` optimizer steps.
+
+    - linear warmup from 0 to 1 over `warmup` steps, then
+    - constant: 1; linear: straight down to `min_ratio`; cosine: half a cosine down to `min_ratio`;
+    - slanted: the slanted triangular schedule of ULMFiT (Howard & Ruder, 2018): a short linear rise
+      (`warmup` steps, ~10% of training) and a long linear decay, to `min_ratio` (they use 1/32).
+    """
+    check_choice("schedule", schedule, SCHEDULES)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * (1 - progress)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, max_steps: int, warmup: int, schedule: str, min_ratio: float = 0.0
+) -> LambdaLR:
+    """A `LambdaLR` that applies `lr_multiplier` to every parameter group."""
+    check_choice("schedule", schedule, SCHEDULES)
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, max_steps, warmup, schedule, min_ratio))

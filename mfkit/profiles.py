@@ -1,0 +1,94 @@
+"""Profiles pick sizes: `smoke` (CI, ~1 min a notebook on 2 CPU cores), `cpu` (a laptop), `gpu` (Colab T4 and up).
+
+Each notebook's sizes live here, in one table, so the notebooks, the chain runner and the tests agree on them.
+A notebook passes its explicit knobs to `configure`; any knob that is not None overrides the profile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .env import seed_everything
+from .errors import MfkitError, check_choice
+from .paths import artifacts_dir as resolve_artifacts_dir
+from .results import clear_results, set_notebook
+
+PROFILE_NAMES = ("smoke", "cpu", "gpu")
+
+# notebook -> profile -> knob -> value. Knob names are the notebook's parameters in lower case.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "00_setup-and-tour": {p: {} for p in PROFILE_NAMES},
+    "01_data-and-tokenizers": {
+        "smoke": {"vocab_size": 2000, "tokenizer_lines": 20000},
+        "cpu": {"vocab_size": 4000, "tokenizer_lines": None},
+        "gpu": {"vocab_size": 8000, "tokenizer_lines": None},
+    },
+    "02_pretraining-tiny-lm": {
+        "smoke": {"max_steps": 60, "batch_size": 16, "block_size": 64, "n_layer": 2, "n_embd": 64, "n_head": 2,
+                  "lr": 3e-3, "eval_every": 30, "eval_batches": 8},
+        "cpu": {"max_steps": 1500, "batch_size": 32, "block_size": 128, "n_layer": 4, "n_embd": 128, "n_head": 4,
+                "lr": 2e-3, "eval_every": 250, "eval_batches": 50},
+        "gpu": {"max_steps": 5000, "batch_size": 64, "block_size": 256, "n_layer": 6, "n_embd": 384, "n_head": 6,
+                "lr": 1e-3, "eval_every": 500, "eval_batches": 100},
+    },
+    "03_full-finetuning": {
+        "smoke": {"max_steps": 30, "batch_size": 16, "max_length": 64, "lr": 5e-5, "eval_every": 15,
+                  "train_limit": 800, "eval_limit": 200, "patience": 3},
+        "cpu": {"max_steps": 500, "batch_size": 16, "max_length": 128, "lr": 5e-5, "eval_every": 100,
+                "train_limit": None, "eval_limit": None, "patience": 3},
+        "gpu": {"max_steps": 1500, "batch_size": 32, "max_length": 256, "lr": 5e-5, "eval_every": 150,
+                "train_limit": None, "eval_limit": None, "patience": 4},
+    },
+}
+
+
+class Config(MappingProxyType):
+    """A read-only mapping of a notebook's resolved knobs, also readable as attributes (`cfg.max_steps`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def profile_knobs(notebook: str, profile: str) -> dict[str, Any]:
+    """The sizes `profile` gives `notebook` (a copy)."""
+    check_choice("PROFILE", profile, PROFILE_NAMES)
+    if notebook not in PROFILES:
+        raise MfkitError(f"No profile table for notebook {notebook!r}.", f"add it to PROFILES in {__file__}.")
+    return dict(PROFILES[notebook][profile])
+
+
+def configure(
+    notebook: str,
+    profile: str = "smoke",
+    artifacts_dir: str | Path | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+    **knobs: Any,
+) -> Config:
+    """Resolve a notebook's knobs from its profile and explicit overrides, seed, and start its results ledger.
+
+    Knobs passed as None take the profile's value; an unknown knob is an error (it is usually a typo).
+    """
+    resolved = profile_knobs(notebook, profile)
+    unknown = sorted(set(knobs) - set(resolved))
+    if unknown:
+        raise MfkitError(
+            f"Unknown knob(s) {unknown} for {notebook}.", f"use the notebook's parameters: {sorted(resolved)}."
+        )
+    resolved.update({k: v for k, v in knobs.items() if v is not None})
+    folder = resolve_artifacts_dir(artifacts_dir)
+    set_notebook(notebook, folder)
+    clear_results(notebook, folder)
+    seed_everything(seed)
+    resolved.update(profile=profile, seed=seed, artifacts_dir=folder, notebook=notebook)
+    cfg = Config(resolved)
+    if not quiet:
+        width = max(map(len, cfg))
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in cfg.items()))
+    return cfg
+
