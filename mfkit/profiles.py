@@ -6,8 +6,8 @@ A notebook passes its explicit knobs to `configure`; any knob that is not None o
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from .env import seed_everything
@@ -44,14 +44,29 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-class Config(MappingProxyType):
+class Config(Mapping):
     """A read-only mapping of a notebook's resolved knobs, also readable as attributes (`cfg.max_steps`)."""
+
+    def __init__(self, knobs: dict[str, Any]) -> None:
+        self._knobs = dict(knobs)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._knobs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._knobs)
+
+    def __len__(self) -> int:
+        return len(self._knobs)
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return self[name]
+            return self.__dict__["_knobs"][name]
         except KeyError:
             raise AttributeError(name) from None
+
+    def __repr__(self) -> str:
+        return f"Config({self._knobs!r})"
 
 
 def profile_knobs(notebook: str, profile: str) -> dict[str, Any]:
