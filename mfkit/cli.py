@@ -1,0 +1,143 @@
+"""The `mfkit` command: `mfkit run` executes the notebook chain, `mfkit results` shows a run's table,
+`mfkit bench` (when `mfkit.bench` is present) times things."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .errors import MfkitError
+
+PROFILES_HELP = "smoke (CI, minutes), cpu (a laptop), gpu (Colab T4 and up); default: smoke"
+
+
+def _add_run(subparsers: argparse._SubParsersAction) -> None:
+    """Wire `mfkit run`."""
+    parser = subparsers.add_parser(
+        "run",
+        help="execute the numbered notebooks with papermill and tabulate their recorded numbers",
+        description="Execute notebooks/NN_slug.ipynb in order with papermill, injecting PROFILE and ARTIFACTS_DIR; "
+        "print each notebook's recorded numbers and write OUTPUT/summary.json. A failed notebook skips the "
+        "notebooks that require it; the others still run. Exit code: 0 all ok, 1 some failed/skipped, 2 bad input.",
+    )
+    parser.add_argument("--profile", default="smoke", metavar="{smoke,cpu,gpu}", help=PROFILES_HELP)
+    parser.add_argument("--only", metavar="NN[,NN]", help="run only these notebooks (numbers, comma-separated)")
+    parser.add_argument("--from", dest="start", metavar="NN", help="start at this notebook number")
+    parser.add_argument("--to", dest="end", metavar="NN", help="stop after this notebook number")
+    parser.add_argument(
+        "--output", metavar="DIR", help="where executed notebooks, artifacts/ and summary.json go; default: runs/<profile>"
+    )
+    parser.add_argument(
+        "--param",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra notebook parameter, value read as a Python literal (else a string); repeatable, "
+        "e.g. --param MAX_STEPS=10 MODEL=minilm; ARTIFACTS_DIR=... replaces OUTPUT/artifacts",
+    )
+    parser.add_argument("--notebooks", metavar="DIR", help="folder of NN_slug.ipynb notebooks; default: notebooks/")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="stop a notebook whose cell runs longer")
+    parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output while they run")
+    parser.set_defaults(handler=_cmd_run)
+
+
+def _add_results(subparsers: argparse._SubParsersAction) -> None:
+    """Wire `mfkit results`."""
+    parser = subparsers.add_parser(
+        "results", help="print the table of an earlier run", description="Print the table of a run from its summary.json."
+    )
+    parser.add_argument("--output", metavar="DIR", help="the run's output folder; default: runs/<profile>")
+    parser.add_argument("--profile", default="smoke", metavar="{smoke,cpu,gpu}", help="picks runs/<profile>")
+    parser.set_defaults(handler=_cmd_results)
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    """Wire `mfkit bench` from `mfkit.bench`; leave it out when that module does not exist."""
+    module = f"{__package__}.bench"
+    try:
+        bench = importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name == module:
+            return
+        problem = f"cannot start: {exc}."
+
+        def broken(args: argparse.Namespace) -> int:
+            raise MfkitError(problem, "install the missing package into this environment (see README).")
+
+        # prefix_chars that no option uses: every argument lands in `rest`, and the handler explains the problem
+        stub = subparsers.add_parser("bench", help="(unavailable: a dependency is missing)", prefix_chars="\0")
+        stub.add_argument("rest", nargs=argparse.REMAINDER)
+        stub.set_defaults(handler=broken)
+        return
+    parser = subparsers.add_parser("bench", help="benchmark models and steps", description=bench.__doc__)
+    bench.add_arguments(parser)
+    parser.set_defaults(handler=bench.main)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `mfkit` argument parser with its subcommands."""
+    parser = argparse.ArgumentParser(prog="mfkit", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", title="commands")
+    _add_run(subparsers)
+    _add_results(subparsers)
+    _add_bench(subparsers)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """`mfkit run`: run the chain, return 0 when every notebook ran cleanly, else 1."""
+    from . import runner
+
+    logging.basicConfig(format="%(message)s", level=logging.INFO if args.log_output else logging.WARNING)
+    report = runner.run_chain(
+        profile=args.profile,
+        only=runner.parse_only(args.only),
+        start=args.start,
+        end=args.end,
+        output=args.output,
+        params=runner.parse_params(args.param),
+        notebooks=args.notebooks,
+        timeout=args.timeout,
+        log_output=args.log_output,
+    )
+    return report.exit_code
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    """`mfkit results`: print the table of an earlier run."""
+    from . import runner
+    from .errors import check_choice
+    from .profiles import PROFILE_NAMES
+
+    if args.output is None:
+        check_choice("--profile", args.profile, PROFILE_NAMES)
+    print(runner.format_summary(runner.load_summary(runner.resolve_output(args.profile, args.output))))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mfkit` console script; returns the exit code (2 for bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage and the problem
+        return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.handler(args))
+    except MfkitError as exc:
+        print(f"mfkit {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mfkit {args.command}: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
