@@ -29,22 +29,25 @@ def parameter_groups(
     weight_decay: float,
     lr: float,
     lr_for: Callable[[str], float] | None = None,
+    include_frozen: bool = False,
 ) -> list[dict]:
-    """Split trainable parameters into decay/no-decay groups, optionally with a per-parameter learning rate.
+    """Split parameters into decay/no-decay groups, optionally with a per-parameter learning rate.
 
     `lr_for(name)` returns the learning rate of parameter `name` (e.g. layer-wise decayed rates); parameters with
-    equal (rate, decay) share a group. Frozen parameters (requires_grad=False) are left out.
+    equal (rate, decay) share a group. Frozen parameters (requires_grad=False) are left out unless
+    `include_frozen`: then layers unfrozen later during training are already in the optimizer (AdamW skips
+    parameters whose gradient is None, so frozen ones cost nothing and are not decayed).
     """
+    if not any(p.requires_grad for p in model.parameters()):
+        raise MfkitError("The model has no trainable parameters.", "unfreeze some parameters before training.")
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     names: dict[tuple[float, float], list[str]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not (param.requires_grad or include_frozen):
             continue
         key = (lr_for(name) if lr_for else lr, 0.0 if no_decay(name, param) else weight_decay)
         groups.setdefault(key, []).append(param)
         names.setdefault(key, []).append(name)
-    if not groups:
-        raise MfkitError("The model has no trainable parameters.", "unfreeze some parameters before training.")
     return [
         {"params": params, "lr": key[0], "weight_decay": key[1], "names": names[key]}
         for key, params in groups.items()
@@ -70,10 +73,16 @@ def lr_multiplier(step: int, max_steps: int, warmup: int, schedule: str, min_rat
 
     - linear warmup from 0 to 1 over `warmup` steps, then
     - constant: 1; linear: straight down to `min_ratio`; cosine: half a cosine down to `min_ratio`;
-    - slanted: the slanted triangular schedule of ULMFiT (Howard & Ruder, 2018): a short linear rise
-      (`warmup` steps, ~10% of training) and a long linear decay, to `min_ratio` (they use 1/32).
+    - slanted: the slanted triangular schedule of ULMFiT (Howard & Ruder, 2018): with p rising linearly from 0 to 1
+      over the first `warmup` steps (their cut_frac, 0.1 of training) and falling linearly back to 0 by the end,
+      the rate is lr_max * (1 + p (ratio - 1)) / ratio, i.e. min_ratio + (1 - min_ratio) p with min_ratio = 1/ratio
+      (they use ratio = 32): it starts and ends at lr_max / 32, not at zero.
     """
     check_choice("schedule", schedule, SCHEDULES)
+    if schedule == "slanted":
+        rising = warmup > 0 and step < warmup
+        p = step / warmup if rising else 1 - (step - warmup) / max(1, max_steps - warmup)
+        return min_ratio + (1 - min_ratio) * max(0.0, p)
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":

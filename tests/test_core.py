@@ -66,6 +66,9 @@ def test_schedules():
     assert lr_multiplier(55, 100, 10, "linear") == pytest.approx(0.5)
     assert lr_multiplier(100, 100, 10, "cosine") == pytest.approx(0.0)
     assert lr_multiplier(55, 100, 10, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(0, 100, 10, "slanted", min_ratio=1 / 32) == pytest.approx(1 / 32)
+    assert lr_multiplier(10, 100, 10, "slanted", min_ratio=1 / 32) == pytest.approx(1.0)
+    assert lr_multiplier(5, 100, 10, "slanted", min_ratio=1 / 32) == pytest.approx((1 + 0.5 * 31) / 32)
     assert lr_multiplier(100, 100, 10, "slanted", min_ratio=1 / 32) == pytest.approx(1 / 32)
     assert lr_multiplier(50, 100, 10, "constant") == 1.0
 
@@ -79,6 +82,8 @@ def test_parameter_groups_skip_decay_on_biases_and_norms():
     assert by_decay[0.0] == {"0.bias", "1.weight", "1.bias", "2.bias"}
     layered = parameter_groups(model, 0.0, 1e-3, lr_for=lambda name: 1e-4 if name.startswith("0.") else 1e-3)
     assert {g["lr"] for g in layered} == {1e-4, 1e-3}
+    everything = parameter_groups(model, 0.1, 1e-3, include_frozen=True)
+    assert "2.weight" in {n for g in everything for n in g["names"]}
 
 
 def test_parameter_groups_refuse_a_fully_frozen_model():
