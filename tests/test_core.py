@@ -37,7 +37,8 @@ def test_record_refuses_nan_and_objects(tmp_path):
 
 def test_configure_merges_profile_and_overrides(tmp_path):
     cfg = mfkit.configure("03_full-finetuning", "smoke", artifacts_dir=tmp_path, quiet=True, max_steps=7, lr=None)
-    assert cfg.max_steps == 7 and cfg.lr == 5e-5 and cfg.profile == "smoke" and cfg.artifacts_dir == tmp_path
+    smoke = mfkit.profiles.PROFILES["03_full-finetuning"]["smoke"]
+    assert cfg.max_steps == 7 and cfg.lr == smoke["lr"] and cfg.profile == "smoke" and cfg.artifacts_dir == tmp_path
     with pytest.raises(MfkitError, match="max_step"):
         mfkit.configure("03_full-finetuning", "smoke", artifacts_dir=tmp_path, quiet=True, max_step=7)
     with pytest.raises(MfkitError, match="PROFILE='laptop'"):
