@@ -30,33 +30,39 @@ def parameter_groups(
     lr: float,
     lr_for: Callable[[str], float] | None = None,
     include_frozen: bool = False,
+    group_of: Callable[[str], str] | None = None,
 ) -> list[dict]:
     """Split parameters into decay/no-decay groups, optionally with a per-parameter learning rate.
 
     `lr_for(name)` returns the learning rate of parameter `name` (e.g. layer-wise decayed rates); parameters with
-    equal (rate, decay) share a group. Frozen parameters (requires_grad=False) are left out unless
+    equal (rate, decay) share a group, and also equal `group_of(name)` when given (e.g. the layer, kept in each
+    group's "layer" key for plotting). Frozen parameters (requires_grad=False) are left out unless
     `include_frozen`: then layers unfrozen later during training are already in the optimizer (AdamW skips
     parameters whose gradient is None, so frozen ones cost nothing and are not decayed).
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise MfkitError("The model has no trainable parameters.", "unfreeze some parameters before training.")
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    names: dict[tuple[float, float], list[str]] = {}
+    groups: dict[tuple[str, float, float], list[nn.Parameter]] = {}
+    names: dict[tuple[str, float, float], list[str]] = {}
     for name, param in model.named_parameters():
         if not (param.requires_grad or include_frozen):
             continue
-        key = (lr_for(name) if lr_for else lr, 0.0 if no_decay(name, param) else weight_decay)
+        key = (
+            group_of(name) if group_of else "",
+            lr_for(name) if lr_for else lr,
+            0.0 if no_decay(name, param) else weight_decay,
+        )
         groups.setdefault(key, []).append(param)
         names.setdefault(key, []).append(name)
     return [
-        {"params": params, "lr": key[0], "weight_decay": key[1], "names": names[key]}
+        {"params": params, "layer": key[0], "lr": key[1], "weight_decay": key[2], "names": names[key]}
         for key, params in groups.items()
     ]
 
 
 def make_optimizer(groups: Iterable[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Optimizer:
     """AdamW; fused kernels on CUDA (one launch for all parameters), multi-tensor `foreach` elsewhere."""
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    groups = [{k: v for k, v in g.items() if k not in ("names", "layer")} for g in groups]
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=None if fused else True)
 
