@@ -42,7 +42,8 @@ def pick_precision(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type != "cuda":
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Native bf16 only (Ampere and newer): a T4 "supports" bf16 through slow emulation, and wants fp16 instead.
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def seed_everything(seed: int = DEFAULT_SEED, deterministic: bool = False) -> int:
