@@ -21,9 +21,9 @@ PROFILE_NAMES = ("smoke", "cpu", "gpu")
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "00_setup-and-tour": {p: {} for p in PROFILE_NAMES},
     "01_data-and-tokenizers": {
-        "smoke": {"vocab_size": 2000, "tokenizer_lines": 20000},
-        "cpu": {"vocab_size": 4000, "tokenizer_lines": None},
-        "gpu": {"vocab_size": 8000, "tokenizer_lines": None},
+        "smoke": {"vocab_size": 2000, "tokenizer_lines": 4000, "min_frequency": 2},
+        "cpu": {"vocab_size": 4000, "tokenizer_lines": None, "min_frequency": 2},
+        "gpu": {"vocab_size": 8000, "tokenizer_lines": None, "min_frequency": 2},
     },
     "02_pretraining-tiny-lm": {
         "smoke": {"max_steps": 60, "batch_size": 16, "block_size": 64, "n_layer": 2, "n_embd": 64, "n_head": 2,
@@ -34,13 +34,17 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "lr": 1e-3, "eval_every": 500, "eval_batches": 100},
     },
     "03_full-finetuning": {
-        "smoke": {"max_steps": 30, "batch_size": 16, "max_length": 64, "lr": 5e-5, "eval_every": 15,
+        "smoke": {"max_steps": 30, "batch_size": 16, "max_length": 64, "lr": 1e-4, "warmup": 0.1, "eval_every": 15,
                   "train_limit": 800, "eval_limit": 200, "patience": 3},
-        "cpu": {"max_steps": 500, "batch_size": 16, "max_length": 128, "lr": 5e-5, "eval_every": 100,
+        "cpu": {"max_steps": 500, "batch_size": 16, "max_length": 128, "lr": 1e-4, "warmup": 0.1, "eval_every": 100,
                 "train_limit": None, "eval_limit": None, "patience": 3},
-        "gpu": {"max_steps": 1500, "batch_size": 32, "max_length": 256, "lr": 5e-5, "eval_every": 150,
+        "gpu": {"max_steps": 1500, "batch_size": 32, "max_length": 256, "lr": 5e-5, "warmup": 0.1, "eval_every": 150,
                 "train_limit": None, "eval_limit": None, "patience": 4},
     },
+    # Issue 3 notebooks: provisional sizes, tuned by their authors.
+    "04_multistep-finetuning": {"smoke": {"max_steps": 24}, "cpu": {"max_steps": 400}, "gpu": {"max_steps": 1500}},
+    "05_peft-lora": {"smoke": {"max_steps": 10}, "cpu": {"max_steps": 300}, "gpu": {"max_steps": 1000}},
+    "06_prompting-few-shot": {"smoke": {"eval_limit": 16}, "cpu": {"eval_limit": 200}, "gpu": {"eval_limit": 600}},
 }
 
 
