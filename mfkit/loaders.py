@@ -65,12 +65,15 @@ def make_loader(
     seed: int = 0,
     drop_last: bool = False,
     num_workers: int = 0,
-    pin_memory: bool = False,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
     """A DataLoader over `dataset` in a reproducible order (see `EpochSampler`).
 
-    `pin_memory=True` on CUDA lets host-to-device copies run asynchronously (`non_blocking`).
+    Pinned (page-locked) host memory lets host-to-device copies run asynchronously (`non_blocking`); by default
+    it is on exactly when a CUDA device is present.
     """
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
     check_positive("batch_size", batch_size)
     return DataLoader(
         dataset,

@@ -69,6 +69,8 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     cpu: bool = False  # force the CPU even where a GPU is present
+    compile: bool = False  # torch.compile (inductor): faster steps after the first ones, which pay for compiling
+    gradient_checkpointing: bool = False  # recompute activations during backward: less memory, ~30% more compute
 
     def __post_init__(self) -> None:
         check_positive("max_steps", self.max_steps)
@@ -221,9 +223,16 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     precision = config.precision
     if precision == "auto":
         precision = "no" if cpu else pick_precision("cuda" if torch.cuda.is_available() else "mps")
+    if torch.cuda.is_available() and not cpu:
+        # fp32 matmuls (those autocast leaves in fp32) may use TF32 tensor cores on Ampere+: ~10 bits of mantissa,
+        # fast, and well within what training noise tolerates.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return Accelerator(
         mixed_precision=precision,
         cpu=cpu,
+        dynamo_backend="inductor" if config.compile else "no",
+        # Host-to-device copies overlap with compute when the loader pins memory (make_loader does on CUDA).
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available() and not cpu),
     )
 
@@ -248,6 +257,10 @@ def fit(
     holding the weights of its best evaluation.
     """
     accelerator = accelerator or make_accelerator(config)
+    if config.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise MfkitError(f"{type(model).__name__} has no gradient checkpointing.", "use a transformers model, or turn it off.")
+        model.gradient_checkpointing_enable()
     groups = param_groups or parameter_groups(model, config.weight_decay, config.lr)
     optimizer = make_optimizer(groups, config.lr, config.betas, accelerator.device)
     scheduler = make_scheduler(

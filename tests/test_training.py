@@ -139,3 +139,19 @@ def test_resume_with_other_callbacks_is_refused(tmp_path):
     train(10, checkpoint_dir=tmp_path, checkpoint_every=10)
     with pytest.raises(MfkitError, match="callback"):
         train(20, callbacks=[Crash(None)], checkpoint_dir=tmp_path)
+
+
+def final_weights(**overrides) -> list[torch.Tensor]:
+    model, _ = train(10, eval_every=None, **overrides)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_gradient_checkpointing_changes_memory_not_results():
+    for plain, checkpointed in zip(final_weights(), final_weights(gradient_checkpointing=True), strict=True):
+        torch.testing.assert_close(plain, checkpointed, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one():
+    for eager, compiled in zip(final_weights(), final_weights(compile=True), strict=True):
+        torch.testing.assert_close(eager, compiled, rtol=1e-3, atol=1e-4)

@@ -1,0 +1,57 @@
+"""The whole notebook chain in the `smoke` profile through papermill, its recorded numbers checked against baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mfkit.cli import main
+from mfkit.paths import notebooks_dir
+
+BASELINES = Path(__file__).parent / "baselines" / "smoke.json"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> dict:
+    output = tmp_path_factory.mktemp("chain")
+    code = main(["run", "--profile", "smoke", "--output", str(output)])
+    summary = json.loads((output / "summary.json").read_text())
+    summary["exit_code"] = code
+    return summary
+
+
+@pytest.mark.notebooks
+def test_every_notebook_runs(smoke_run):
+    failed = {nb: e["error"] for nb, e in smoke_run["notebooks"].items() if e["status"] != "ok"}
+    assert not failed, failed
+    assert smoke_run["exit_code"] == 0
+    assert len(smoke_run["notebooks"]) == len(list(notebooks_dir().glob("[0-9][0-9]_*.ipynb")))
+
+
+@pytest.mark.notebooks
+def test_every_notebook_has_baselines():
+    baselines = json.loads(BASELINES.read_text())
+    notebooks = {p.stem for p in notebooks_dir().glob("[0-9][0-9]_*.ipynb")}
+    assert notebooks <= set(baselines), f"no baselines for {sorted(notebooks - set(baselines))}"
+
+
+@pytest.mark.notebooks
+def test_recorded_numbers_match_baselines(smoke_run):
+    baselines = json.loads(BASELINES.read_text())
+    mismatches = []
+    for notebook, checks in baselines.items():
+        recorded = smoke_run["notebooks"].get(notebook, {}).get("metrics", {})
+        for name, check in checks.items():
+            if name not in recorded:
+                mismatches.append(f"{notebook}.{name}: not recorded")
+                continue
+            expected = check["value"]
+            if isinstance(expected, bool | str):
+                ok = recorded[name] == expected
+            else:
+                ok = recorded[name] == pytest.approx(expected, rel=check.get("rel"), abs=check.get("abs"))
+            if not ok:
+                mismatches.append(f"{notebook}.{name}: {recorded[name]!r}, baseline {expected!r} ({check})")
+    assert not mismatches, "\n".join(mismatches)
