@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -293,8 +294,6 @@ def unigram_perplexity(train_ids: Iterable[int], loader: DataLoader, vocab_size:
 
 def compare_with_unigram(model: nn.Module, loader: DataLoader, train_ids: Iterable[int], vocab_size: int) -> dict[str, float]:
     """Model and unigram perplexity on the same predicted tokens of `loader` (checked to be the same count)."""
-    import math
-
     total, count = token_nll(model, loader)
     uni_ppl, uni_count = unigram_perplexity(train_ids, loader, vocab_size)
     if count != uni_count:  # would mean the two are not scored on the same tokens

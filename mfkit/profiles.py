@@ -35,9 +35,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "lr": 1e-3, "eval_every": 250, "eval_batches": 50},
     },
     "03_full-finetuning": {
-        "smoke": {"max_steps": 30, "batch_size": 16, "max_length": 64, "lr": 1e-4, "warmup": 0.1, "eval_every": 15,
-                  "train_limit": 800, "eval_limit": 200, "patience": 3},
-        "cpu": {"max_steps": 500, "batch_size": 16, "max_length": 128, "lr": 1e-4, "warmup": 0.1, "eval_every": 100,
+        "smoke": {"max_steps": 24, "batch_size": 16, "max_length": 64, "lr": 1e-4, "warmup": 0.1, "eval_every": 12,
+                  "train_limit": 800, "eval_limit": 160, "patience": 3},
+        "cpu": {"max_steps": 400, "batch_size": 16, "max_length": 128, "lr": 1e-4, "warmup": 0.1, "eval_every": 100,
                 "train_limit": None, "eval_limit": None, "patience": 3},
         "gpu": {"max_steps": 1500, "batch_size": 32, "max_length": 256, "lr": 5e-5, "warmup": 0.1, "eval_every": 150,
                 "train_limit": None, "eval_limit": None, "patience": 4},

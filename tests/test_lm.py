@@ -18,6 +18,7 @@ from mfkit.lm import (
     lm_loaders,
     pack_blocks,
     predicted_tokens,
+    run_folder,
     save_tiny_gpt,
     tiny_gpt_config,
     token_stream,
@@ -140,3 +141,12 @@ def test_model_and_unigram_are_scored_on_the_same_tokens(tokenizer):
     assert row["perplexity_ratio"] == pytest.approx(row["unigram_perplexity"] / row["model_perplexity"])
     # An untrained model is roughly uniform over the vocabulary: worse than the unigram floor.
     assert row["model_perplexity"] > row["unigram_perplexity"]
+
+
+def test_run_folder_depends_on_knobs_and_tokenizer(tokenizer, tmp_path):
+    knobs = {"max_steps": 10, "lr": 1e-3, "artifacts_dir": tmp_path}
+    folder = run_folder(knobs, tmp_path, tokenizer)
+    assert folder.parent == tmp_path / "checkpoints" / "02"
+    assert run_folder(dict(knobs), tmp_path, tokenizer) == folder  # a rerun resumes
+    assert run_folder({**knobs, "lr": 2e-3}, tmp_path, tokenizer) != folder
+    assert run_folder(knobs, tmp_path) != folder  # the tokenizer is part of the run
