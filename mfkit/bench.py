@@ -177,6 +177,7 @@ def run_trainer(model, rows, collate, batch_size: int, config, seed: int, mark: 
 
     from .env import pick_precision
     from .loaders import EpochSampler
+    from .optim import fused_adamw_supported
 
     class SameOrderTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -192,7 +193,7 @@ def run_trainer(model, rows, collate, batch_size: int, config, seed: int, mark: 
         output_dir=tempfile.mkdtemp(prefix="mfkit-bench-"), per_device_train_batch_size=batch_size,
         max_steps=config.max_steps, learning_rate=config.lr, weight_decay=config.weight_decay,
         warmup_steps=round(config.warmup * config.max_steps), lr_scheduler_type="linear", max_grad_norm=config.grad_clip,
-        optim="adamw_torch_fused" if cuda else "adamw_torch", logging_steps=config.max_steps, save_strategy="no",
+        optim="adamw_torch_fused" if fused_adamw_supported(torch.device(device)) else "adamw_torch", logging_steps=config.max_steps, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, use_cpu=not cuda, seed=seed,
         bf16=pick_precision(device) == "bf16", fp16=pick_precision(device) == "fp16",
         remove_unused_columns=False,

@@ -60,11 +60,25 @@ def parameter_groups(
     ]
 
 
+def fused_adamw_supported(device: torch.device) -> bool:
+    """True where torch has a fused AdamW kernel for `device`: CUDA, and the CPU from torch 2.4 on."""
+    if device.type == "cuda":
+        return True
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return device.type == "cpu" and (major, minor) >= (2, 4)
+
+
 def make_optimizer(groups: Iterable[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; fused kernels on CUDA (one launch for all parameters), multi-tensor `foreach` elsewhere."""
+    """AdamW with the fused kernel where torch has one (CUDA, CPU), else the multi-tensor `foreach` kernel.
+
+    The fused kernel does the whole update of every parameter in one pass over memory; for MiniLM's 22.7M
+    parameters on a CPU it takes about a fifth of the time of `foreach` (see `mfkit bench`). The two agree up to
+    float rounding (tests/test_training.py checks it).
+    """
     groups = [{k: v for k, v in g.items() if k not in ("names", "layer")} for g in groups]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=None if fused else True)
+    if fused_adamw_supported(device):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
 def warmup_steps_of(warmup: float | int, max_steps: int) -> int:
