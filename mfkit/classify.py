@@ -15,8 +15,6 @@ so `TrainConfig(monitor="eval_f1", mode="max")` early-stops on validation F1.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from torch.utils.data import DataLoader
 from .errors import MfkitError, check_positive
 from .loaders import make_loader, pad_collate
 from .metrics import classification_scores, predict_logits, softmax
+from .paths import atomic_folder
 
 SPLITS = ("train", "validation", "test")
 MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
@@ -284,16 +283,9 @@ def save_classifier(model: nn.Module, tokenizer: Any, target: str | Path) -> Pat
     half-written model for a later notebook to load.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

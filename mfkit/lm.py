@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from .errors import MfkitError, check_positive
 from .loaders import make_loader
 from .metrics import UnigramLM, token_nll
-from .paths import artifacts_dir
+from .paths import artifacts_dir, atomic_folder
 
 MODEL_NAME = "tiny-gpt"
 CHECKPOINT_GROUP = "02"
@@ -54,6 +52,9 @@ def tiny_gpt_config(
     The input embedding and the output projection share one matrix (`tie_word_embeddings`): for a small model
     the vocabulary matrix is a large share of all parameters, and tying it halves that share. `block_size` is
     the context length, i.e. the number of learned position embeddings: the model cannot see further back.
+    The activation is GPT-2's tanh approximation of GELU, computed by PyTorch's fused kernel
+    (`gelu_pytorch_tanh`) instead of GPT-2's default of four separate tensor operations: same function, fewer
+    passes over memory (about 5% of a CPU training step).
     """
     for name, value in (("vocab_size", vocab_size), ("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head),
                         ("block_size", block_size)):
@@ -74,6 +75,7 @@ def tiny_gpt_config(
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attn_pdrop=dropout,
+        activation_function="gelu_pytorch_tanh",
         tie_word_embeddings=True,
         bos_token_id=bos_token_id if bos_token_id is not None else eos_token_id,
         eos_token_id=eos_token_id,
@@ -249,19 +251,9 @@ def save_tiny_gpt(model: nn.Module, tokenizer: Any, artifacts: str | Path | None
     model (or nothing), never a half-written folder that a later notebook would load.
     """
     target = artifacts_dir(artifacts) / "models" / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    old = target.parent / f".{name}.old"
-    try:
+    with atomic_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 

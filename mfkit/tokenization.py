@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import MfkitError, check_positive
-from .paths import artifacts_dir, require_artifact
+from .paths import artifacts_dir, atomic_folder, require_artifact
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -109,19 +107,8 @@ def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> Path:
     half-way leaves the previous tokenizer (or nothing), never a half-written folder.
     """
     target = Path(folder).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    retired: Path | None = None
-    try:
+    with atomic_folder(target) as staging:
         tokenizer.save_pretrained(str(staging))
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, retired / target.name)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
     return target
 
 

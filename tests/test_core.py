@@ -13,7 +13,7 @@ import mfkit
 from mfkit.errors import MfkitError
 from mfkit.models import load_model, model_path
 from mfkit.optim import lr_multiplier, parameter_groups, warmup_steps_of
-from mfkit.paths import atomic_path, require_artifact
+from mfkit.paths import atomic_folder, atomic_path, require_artifact
 from mfkit.results import clear_results, load_all_results, load_results, record, set_notebook
 
 
@@ -53,6 +53,21 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.bin").write_text("old")
+    with pytest.raises(RuntimeError), atomic_folder(target) as staging:
+        (staging / "half.bin").write_text("half")
+        raise RuntimeError
+    assert [p.name for p in target.iterdir()] == ["old.bin"]
+    with atomic_folder(target) as staging:
+        (staging / "new.bin").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.bin"]
+    assert list(tmp_path.iterdir()) == [target]  # no staging or retired folder left behind
+    assert target.stat().st_mode & 0o777 != 0o700  # not the private mode of a temporary folder
 
 
 def test_require_artifact_names_the_notebook(tmp_path):
