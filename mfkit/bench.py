@@ -129,14 +129,23 @@ def run_worker(workload: str, runner: str, batch_size: int, steps: int, warmup: 
     device = next(model.parameters()).device
     seconds = marks["end"] - marks["start"]
     tokens = sum(counting.tokens[warmup:total])
-    n_params = sum(p.numel() for p in model.parameters())
-    flops = 6 * n_params * tokens + 12 * work.n_layer * work.d_model * work.seq_len * tokens
+    flops = 6 * matmul_parameters(model) * tokens + 12 * work.n_layer * work.d_model * work.seq_len * tokens
     return {
         "workload": workload, "runner": runner, "seconds": seconds,
         "tokens_per_s": tokens / seconds, "samples_per_s": steps * batch_size / seconds,
         "peak_memory_mb": peak_memory(device)[0], "memory_kind": peak_memory(device)[1],
         "model_tflops_per_s": flops / seconds / 1e12, "device": str(device), "threads": torch.get_num_threads(),
     }
+
+
+def matmul_parameters(model) -> int:
+    """The N of "6 N FLOPs per trained token": weights that multiply every token (linear layers, GPT-2's Conv1D,
+    and a tied output projection through its Linear module). Embedding lookups do no arithmetic and are left out;
+    counting them would overstate MiniLM's FLOPs almost twofold (half its weights are the word embeddings)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return sum(module.weight.numel() for module in model.modules() if isinstance(module, nn.Linear | Conv1D))
 
 
 def run_bare_loop(model, loader, config, mark: Callable[[int], None]) -> None:
@@ -284,7 +293,8 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  {workload:<9} {runner:<8} repeat {repeat + 1}: {r['tokens_per_s']:.0f} tokens/s", flush=True)
     rows = summarize(results)
     print(format_table(rows))
-    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "func")}, "summary": rows, "runs": results}
+    settings = {k: v for k, v in vars(args).items() if k != "worker" and not callable(v)}
+    report = {"settings": settings, "summary": rows, "runs": results}
     print(json.dumps(report["summary"], indent=1))
     if args.json:
         from pathlib import Path
