@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-MACHINE_DEPENDENT = ("seconds", "per_s", "memory", "threads", "device", "precision", "_mb", "time", "latency")
+MACHINE_DEPENDENT = ("seconds", "per_s", "memory", "threads", "device", "precision", "_mb", "_ms", "time", "latency")
 BASELINES = Path(__file__).with_name("smoke.json")
 
 
