@@ -62,7 +62,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                   "verse_train_limit": 16, "verse_eval": 4, "max_new_tokens": 16},
         "cpu": {"max_steps": 200, "batch_size": 16, "max_length": 64, "warmup": 0.1, "train_limit": None, "eval_limit": None,
                 "lora_ranks": [2, 4, 16], "rank": 4, "virtual_tokens": 16,
-                "lrs": {"full": 1e-4, "lora": 2e-3, "adalora": 2e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2},
+                "lrs": {"full": 1e-4, "lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2},
                 "verse_steps": 80, "verse_batch_size": 4, "verse_lr": 2e-3, "verse_rank": 8, "verse_max_length": 160,
                 "verse_train_limit": 400, "verse_eval": 48, "max_new_tokens": 64},
         "gpu": {"max_steps": 600, "batch_size": 32, "max_length": 256, "warmup": 0.1, "train_limit": None, "eval_limit": None,
