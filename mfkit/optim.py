@@ -62,10 +62,7 @@ def parameter_groups(
 
 def fused_adamw_supported(device: torch.device) -> bool:
     """True where torch has a fused AdamW kernel for `device`: CUDA, and the CPU from torch 2.4 on."""
-    if device.type == "cuda":
-        return True
-    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    return device.type == "cpu" and (major, minor) >= (2, 4)
+    return device.type == "cuda" or (device.type == "cpu" and torch.__version__ >= (2, 4))
 
 
 def make_optimizer(groups: Iterable[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Optimizer:
