@@ -5,6 +5,7 @@ The names most notebooks need are importable from here; each lives in a small mo
 - `setup`, `seed_everything` (env) — device, precision, seeds, versions
 - `configure` (profiles) — a notebook's knobs from its profile (smoke / cpu / gpu) and explicit overrides
 - `record` (results) — the results ledger the chain runner and the regression tests read
+- `takeaways` (report) — a notebook's takeaways, their numbers filled in from this run's ledger
 - `fit`, `TrainConfig`, `Callback`, `History` (training) — the training loop
 - `load_data` (data), `load_model`, `load_tokenizer` (models) — offline-first data and models
 """
@@ -23,6 +24,7 @@ def __getattr__(name: str):
     lazy = {
         "fit": "training", "TrainConfig": "training", "Callback": "training", "History": "training",
         "load_data": "data", "load_model": "models", "load_tokenizer": "models", "make_loader": "loaders",
+        "takeaways": "report",
     }
     if name in lazy:
         import importlib

@@ -1,8 +1,15 @@
-"""Complete training checkpoints (model, optimizer, scheduler, step, RNG state), written atomically."""
+"""Complete training checkpoints (model, optimizer, scheduler, scaler, step, per-process RNG state), written atomically.
+
+A checkpoint also carries a fingerprint of what produced it (the settings that shape the run, the model's tensor
+shapes, the optimizer's groups, the callbacks, the number of processes), so that a run never resumes from a
+checkpoint of another configuration: `check_fingerprint` names what differs instead.
+"""
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +23,7 @@ CHECKPOINT_NAME = "last.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random state a training step can touch: Python, NumPy, torch CPU and CUDA."""
+    """Every random state a training step of this process can touch: Python, NumPy, torch CPU and CUDA."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -32,11 +39,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write `payload` (plus RNG state) to `path` in one atomic rename: a crash never leaves half a checkpoint."""
+def temp_files(path: str | Path) -> list[Path]:
+    """Temporary files `save_checkpoint` writes beside `path` before its rename (see `paths.atomic_path`)."""
     path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+
+
+def remove_stale_temp_files(path: str | Path) -> list[Path]:
+    """Delete temporary files a killed checkpoint write left beside `path`; return what was removed.
+
+    A kill between `torch.save` and the rename leaves such a file behind (the checkpoint itself stays whole).
+    Call it when a run starts, before anything writes to the same folder.
+    """
+    removed = []
+    for tmp in temp_files(path):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` to `path` in one atomic rename: a crash never leaves half a checkpoint.
+
+    `payload` should hold the RNG state of every process (`fit` stores one `rng_state()` per rank under "ranks");
+    when it has none, this process's RNG state is added under "rng".
+    """
+    path = Path(path)
+    if "ranks" not in payload and "rng" not in payload:
+        payload = {**payload, "rng": rng_state()}
     with atomic_path(path) as tmp:
-        torch.save({**payload, "rng": rng_state()}, tmp)
+        torch.save(payload, tmp)
     return path
 
 
@@ -49,3 +81,46 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a truncated or foreign file
         raise MfkitError(f"{path} is not a readable mfkit checkpoint ({exc}).", "delete it and train again.") from exc
+
+
+def _plain(value: Any) -> Any:
+    """`value` as JSON would give it back (tuples become lists, paths strings), so saved and new compare equal."""
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints (empty when they agree).
+
+    Nested dicts are compared key by key ("config.lr: 0.001 in the checkpoint, 0.003 now"); long values such as
+    the model's shapes are summarised by how many entries differ.
+    """
+    saved, current = _plain(dict(saved)), _plain(dict(current))
+    lines = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict) and key != "shapes":
+            lines += [f"{key}.{sub}: {old.get(sub)!r} in the checkpoint, {new.get(sub)!r} now"
+                      for sub in sorted(set(old) | set(new)) if old.get(sub) != new.get(sub)]
+        elif isinstance(old, dict) and isinstance(new, dict):
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            lines.append(f"{key}: {len(changed)} tensor(s) differ in shape or presence, e.g. {changed[:3]}")
+        else:
+            lines.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
+    return lines
+
+
+def check_fingerprint(path: str | Path, saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
+    """Raise `MfkitError` unless the checkpoint at `path` was written by a run configured like this one."""
+    fix = ("resume with the settings it was written with, or pass resume=False (or another checkpoint_dir) "
+           "to start a fresh run.")
+    if saved is None:
+        raise MfkitError(f"{path} was written by an older mfkit and records no configuration to check.", fix)
+    differences = fingerprint_differences(saved, current)
+    if differences:
+        raise MfkitError(
+            f"{path} was written by a run configured differently, so resuming from it would not continue this "
+            "run:\n    " + "\n    ".join(differences),
+            fix,
+        )

@@ -15,6 +15,7 @@ so `TrainConfig(monitor="eval_f1", mode="max")` early-stops on validation F1.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 from .errors import MfkitError, check_positive
 from .loaders import make_loader, pad_collate
 from .metrics import classification_scores, predict_logits, softmax
-from .paths import atomic_folder
+from .paths import atomic_folder, require_artifact
 
 SPLITS = ("train", "validation", "test")
 MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
@@ -276,17 +277,53 @@ def confusion(labels: Sequence[int], preds: Sequence[int], num_labels: int | Non
     return confusion_matrix(labels, preds, labels=list(range(n)))
 
 
-def save_classifier(model: nn.Module, tokenizer: Any, target: str | Path) -> Path:
+def split_limits(settings: Mapping[str, Any]) -> dict[str, int | None]:
+    """Per-split row limits from a notebook's knobs: `train_limit`, `eval_limit` (validation and test) and an
+    optional `val_limit`, a smaller validation sample for the evaluations during training."""
+    val_limit = settings.get("val_limit")
+    return {
+        "train": settings.get("train_limit"),
+        "validation": val_limit if val_limit is not None else settings.get("eval_limit"),
+        "test": settings.get("eval_limit"),
+    }
+
+
+CARD_NAME = "mfkit.json"
+BASELINE_NOTEBOOK = "03_full-finetuning"
+BASELINE_FOLDER = "03-classifier"
+
+
+def save_classifier(model: nn.Module, tokenizer: Any, target: str | Path, card: Mapping[str, Any] | None = None) -> Path:
     """Save a fine-tuned classifier and its tokenizer as one `from_pretrained` folder, replacing `target` whole.
 
-    The folder is written beside `target` first and renamed into place, so an interrupted save never leaves a
-    half-written model for a later notebook to load.
+    `card` (settings and scores of the run that made it) is written beside the weights as `mfkit.json`, so a later
+    notebook knows what it starts from. The folder is written beside `target` first and renamed into place, so an
+    interrupted save never leaves a half-written model for a later notebook to load.
     """
     target = Path(target)
     with atomic_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if card is not None:
+            (staging / CARD_NAME).write_text(json.dumps(dict(card), indent=2, sort_keys=True, default=str))
     return target
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The shared full-fine-tuning baseline: notebook 03's saved classifier and what produced it."""
+
+    path: Path
+    settings: dict[str, Any]
+    scores: dict[str, Any]
+
+
+def load_baseline(artifacts: str | Path) -> Baseline:
+    """Notebook 03's classifier folder and card under `artifacts`; stops with a message naming 03 when missing."""
+    folder = require_artifact(Path(artifacts) / "models" / BASELINE_FOLDER, BASELINE_NOTEBOOK)
+    card = require_artifact(folder / CARD_NAME, BASELINE_NOTEBOOK)
+    content = json.loads(card.read_text())
+    return Baseline(folder, dict(content["settings"]), dict(content["scores"]))
 
 
 # --------------------------------------------------------------------------------------------------------------

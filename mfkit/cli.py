@@ -48,10 +48,15 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
 def _add_results(subparsers: argparse._SubParsersAction) -> None:
     """Wire `mfkit results`."""
     parser = subparsers.add_parser(
-        "results", help="print the table of an earlier run", description="Print the table of a run from its summary.json."
+        "results",
+        help="print the table of an earlier run (the latest by default), or compare two runs",
+        description="Print the table of a run from its summary.json: by default the most recent run under runs/. "
+        "--compare A B sets two runs side by side: each notebook's metrics in A and B, their difference, and the "
+        "knobs that differ. A and B are run folders (or their summary.json), or profile names for runs/<profile>.",
     )
-    parser.add_argument("--output", metavar="DIR", help="the run's output folder; default: runs/<profile>")
-    parser.add_argument("--profile", default="smoke", metavar="{smoke,cpu,gpu}", help="picks runs/<profile>")
+    parser.add_argument("--output", metavar="DIR", help="the run's output folder; default: the latest run")
+    parser.add_argument("--profile", metavar="{smoke,cpu,gpu}", help="show runs/<profile> instead of the latest run")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two runs (folders or profile names)")
     parser.set_defaults(handler=_cmd_results)
 
 
@@ -78,6 +83,38 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=bench.main)
 
 
+def _add_notebooks(subparsers: argparse._SubParsersAction) -> None:
+    """Wire `mfkit notebooks DIR`."""
+    parser = subparsers.add_parser(
+        "notebooks",
+        help="copy the kit's notebooks into a folder (for a pip-installed kit)",
+        description="Copy the numbered notebooks the kit ships into DIR, to open in Jupyter or run with "
+        "`cd DIR && mfkit run`. Files already there and different are kept unless --force.",
+    )
+    parser.add_argument("dir", metavar="DIR", help="the folder to copy them into (created if needed)")
+    parser.add_argument("--force", action="store_true", help="overwrite copies that differ (your edits are lost)")
+    parser.set_defaults(handler=_cmd_notebooks)
+
+
+def _add_doctor(subparsers: argparse._SubParsersAction) -> None:
+    """Wire `mfkit doctor`."""
+    from . import doctor
+
+    parser = subparsers.add_parser(
+        "doctor", help="check this environment and say how to fix what is missing", description=doctor.__doc__
+    )
+    parser.set_defaults(handler=lambda args: doctor.main())
+
+
+def _cmd_notebooks(args: argparse.Namespace) -> int:
+    """`mfkit notebooks DIR`: copy the notebooks, print what was written."""
+    from .notebook_cells import copy_notebooks
+
+    written = copy_notebooks(args.dir, force=args.force)
+    print(f"{len(written)} notebook(s) copied into {args.dir}" + ("" if written else " (all already there)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `mfkit` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="mfkit", description=__doc__)
@@ -85,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(subparsers)
     _add_results(subparsers)
     _add_bench(subparsers)
+    _add_notebooks(subparsers)
+    _add_doctor(subparsers)
     return parser
 
 
@@ -113,9 +152,19 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from .errors import check_choice
     from .profiles import PROFILE_NAMES
 
-    if args.output is None:
-        check_choice("--profile", args.profile, PROFILE_NAMES)
-    print(runner.format_summary(runner.load_summary(runner.resolve_output(args.profile, args.output))))
+    if args.compare:
+        if args.output or args.profile:
+            raise MfkitError("--compare takes the two runs itself.", "drop --output/--profile: --compare A B.")
+        first, second = (runner.load_summary(runner.find_run(name)) for name in args.compare)
+        print(runner.format_comparison(first, second, *args.compare))
+        return 0
+    if args.output is None and args.profile is None:
+        output = runner.latest_run()
+    else:
+        if args.output is None:
+            check_choice("--profile", args.profile, PROFILE_NAMES)
+        output = runner.resolve_output(args.profile, args.output)
+    print(runner.format_summary(runner.load_summary(output)))
     return 0
 
 
@@ -137,6 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mfkit {args.command}: interrupted.", file=sys.stderr)
         return 130
+    except OSError as exc:  # a folder that became unwritable or vanished mid-run: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"mfkit {args.command}: {exc.strerror or exc}{where}.\n  Fix: check that folder and its "
+              "permissions, then run the command again.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

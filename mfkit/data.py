@@ -12,10 +12,14 @@ built the shipped files (`data/build_data.py`) and the ones notebook 01 explains
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
+import io
 import os
 import re
 import unicodedata
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from itertools import combinations
@@ -297,6 +301,95 @@ def _split_by_column(table: Dataset, column: str = "split") -> DatasetDict:
     return DatasetDict({name: _take(table, rows[name]) for name in SPLITS})
 
 
+def _file_bytes(path: Path) -> bytes:
+    """The content of a data file, decompressed when it ends in .gz; `MfkitError` for an empty or cut-off file."""
+    if path.stat().st_size == 0:
+        raise MfkitError(f"{path} is empty (0 bytes).", "point at the file that holds the data, or write it again.")
+    if path.suffix.lower() != ".gz":
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as stream:
+            return stream.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise MfkitError(
+            f"{path} is a damaged or truncated gzip file ({type(exc).__name__}: {exc}).",
+            "copy or download the file again (a .gz file cut short cannot be read), or rebuild it.",
+        ) from exc
+
+
+def _utf8_text(path: Path, content: bytes) -> str:
+    """`content` decoded as UTF-8 (a byte-order mark allowed); `MfkitError` naming the line of the first bad byte."""
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = content[: exc.start].count(b"\n") + 1
+        raise MfkitError(
+            f"{path} is not UTF-8 text: byte 0x{content[exc.start]:02x} on line {line} cannot be decoded "
+            f"(UnicodeDecodeError: {exc.reason}); it was probably saved as Latin-1 or Windows-1252.",
+            f"save it again as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name}`, or in "
+            "Python read it with encoding='latin-1' and write it with encoding='utf-8'), then load that file.",
+        ) from exc
+
+
+def _check_csv_rows(path: Path, text: str) -> None:
+    """Raise `MfkitError` for a CSV whose rows do not all have the header's number of fields.
+
+    An unterminated quote at the end, or a last row with fewer fields, means the file was cut short.
+    """
+    reader = csv.reader(io.StringIO(text), strict=True)
+    width, rows = None, 0
+    try:
+        for row in reader:
+            if not row:
+                continue
+            rows += 1
+            if width is None:
+                width = len(row)
+            elif len(row) != width:
+                short = reader.line_num == text.rstrip("\n").count("\n") + 1 and len(row) < width
+                problem = "its last row is incomplete: the file looks truncated" if short else "it is not a table"
+                raise MfkitError(
+                    f"{path}: line {reader.line_num} has {len(row)} field(s) but the header has {width}; {problem}.",
+                    "export the file again in full; quote a field that holds a comma (\"a, b\").",
+                )
+    except csv.Error as exc:
+        raise MfkitError(
+            f"{path} is not well-formed CSV near line {reader.line_num} ({exc}): a quoted field is broken or "
+            "never ends (a file cut short ends like this).",
+            "export or copy the file again in full; a quote inside a quoted field is written twice (\"\").",
+        ) from exc
+
+
+def check_data_file(path: Path, builder: str) -> None:
+    """Raise `MfkitError` up front for a data file that cannot be read whole: empty, cut off, not UTF-8."""
+    text = _utf8_text(path, _file_bytes(path))
+    if not text.strip():
+        raise MfkitError(f"{path} holds only whitespace.", "point at the file that holds the data.")
+    if builder == "csv":
+        _check_csv_rows(path, text)
+
+
+def _read_table(path: Path, builder: str, **kwargs: Any) -> Dataset:
+    """`datasets.load_dataset(builder, path)` after `check_data_file`, its errors turned into `MfkitError`."""
+    check_data_file(path, builder)
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:
+        root = exc
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        if "corresponds to no data" in str(exc) or type(root).__name__ == "EmptyDataError":
+            raise MfkitError(
+                f"{path} has no data rows (a header alone, or nothing).",
+                "add rows below the header: one row per example, with its text (and label).",
+            ) from exc
+        raise MfkitError(
+            f"{path} could not be read as {builder.upper()}: {type(root).__name__}: {str(root)[:200]}",
+            f"check that the file is well-formed {builder.upper()} (open it in a text editor or "
+            f"{'pandas.read_csv' if builder == 'csv' else 'json.loads line by line'}) and load it again.",
+        ) from exc
+
+
 def _load_shipped(name: str) -> DatasetDict:
     """Read a shipped `data/NAME.jsonl.gz` into its three splits."""
     path = shipped_path(name)
@@ -306,10 +399,7 @@ def _load_shipped(name: str) -> DatasetDict:
             f"rebuild the shipped data with `{BUILD_COMMAND}` in the repository, or check that ${DATA_ENV} "
             "(if set) points at the folder that holds the .jsonl.gz files.",
         )
-    table = datasets.load_dataset(
-        "json", data_files=str(path), split="train", features=SHIPPED_FEATURES[name]
-    )
-    return _split_by_column(table)
+    return _split_by_column(_read_table(path, "json", features=SHIPPED_FEATURES[name]))
 
 
 def _local_builder(path: Path) -> str | None:
@@ -379,13 +469,127 @@ def _standardize(table: Dataset, text_column: str | None, label_column: str | No
     return table
 
 
-def _encode_string_labels(dd: DatasetDict) -> DatasetDict:
-    """Turn a text `label` column into a ClassLabel whose names are the sorted label strings of all splits."""
-    feature = dd["train"].features.get("label")
-    if not isinstance(feature, Value) or feature.dtype not in ("string", "large_string"):
+def _label_strings(dd: DatasetDict) -> DatasetDict:
+    """A ClassLabel `label` column turned back into its names (so it can be encoded in another order)."""
+    feature = dd["train"].features["label"]
+    if not isinstance(feature, ClassLabel):
         return dd
-    names = sorted({value for split in dd.values() for value in column_values(split, "label")})
+    return DatasetDict(
+        {
+            split: table.cast_column("label", Value("int64")).map(
+                lambda batch: {"label": [feature.int2str(v) for v in batch["label"]]},
+                batched=True,
+                features=Features({**table.features, "label": _STRING}),
+                keep_in_memory=True,
+            )
+            for split, table in dd.items()
+        }
+    )
+
+
+def _class_order(names: Sequence[str], positive_label: Any) -> list[str]:
+    """Class names in id order: sorted, with `positive_label` (when given) moved to id 1, the positive class."""
+    names = sorted(names)
+    if positive_label is None:
+        if len(names) == 2:
+            raise MfkitError(
+                f"The labels are text ({names[0]!r}, {names[1]!r}), so mfkit cannot tell which one is the positive "
+                "class (the one precision, recall and F1 are reported for).",
+                f"pass positive_label= (in a notebook: POSITIVE_LABEL), e.g. positive_label={names[1]!r}.",
+            )
+        return names
+    if str(positive_label) not in names:
+        raise MfkitError(
+            f"positive_label={positive_label!r} is not one of the labels {names}.",
+            f"pass one of {names} as positive_label (in a notebook: POSITIVE_LABEL), spelled as in the data.",
+        )
+    rest = [n for n in names if n != str(positive_label)]
+    return rest[:1] + [str(positive_label)] + rest[1:]
+
+
+def _encode_labels(dd: DatasetDict, positive_label: Any = None) -> DatasetDict:
+    """Encode a text (or ClassLabel) `label` column as a ClassLabel whose id 1 is `positive_label`.
+
+    Integer labels are kept: their positive class is 1, and `positive_label` may only say so.
+    """
+    if "label" not in dd["train"].column_names:
+        if positive_label is not None:
+            raise MfkitError(
+                f"positive_label={positive_label!r} was given but the data has no label column.",
+                "pass label_column= (in a notebook: LABEL_COLUMN) naming the label column, or leave positive_label unset.",
+            )
+        return dd
+    feature = dd["train"].features["label"]
+    if isinstance(feature, Value) and feature.dtype not in ("string", "large_string"):
+        if positive_label is not None and str(positive_label) != "1":
+            raise MfkitError(
+                f"positive_label={positive_label!r}, but the labels are numbers, whose positive class is 1.",
+                "leave positive_label unset, or write the labels as text (e.g. 'spam'/'ham') and name one.",
+            )
+        return dd
+    if isinstance(feature, ClassLabel) and positive_label in (None, *feature.names[1:2]):
+        return dd  # already in the kit's order
+    dd = _label_strings(dd)
+    names = _class_order({value for split in dd.values() for value in column_values(split, "label")}, positive_label)
     return dd.cast_column("label", ClassLabel(names=names))
+
+
+def check_splits_filled(dd: Mapping[str, Dataset], source: str) -> None:
+    """Raise `MfkitError` when a split has no rows (e.g. a tiny file leaves validation empty)."""
+    sizes = {name: len(table) for name, table in dd.items()}
+    empty = [name for name, n in sizes.items() if n == 0]
+    if empty:
+        raise MfkitError(
+            f"{source} gives the {'/'.join(empty)} split(s) no rows ({sizes}): too few rows to split "
+            "train/validation/test.",
+            "use more rows (at least a few per class and split; 30 or more in all), or add a 'split' column "
+            "that puts rows in every split.",
+        )
+
+
+def check_labels(dd: Mapping[str, Dataset], column: str = "label") -> list[str]:
+    """Check that the labels are usable class ids before any training; return the class names.
+
+    The ids must be 0..C-1 (integers, or a ClassLabel), the training split must hold at least two classes,
+    and every class seen in validation or test must occur in training. Raises `MfkitError` naming the fix.
+    """
+    names = label_names(dd["train"] if "train" in dd else next(iter(dd.values())), column)
+    feature = dd["train"].features[column]
+    seen = {split: set(column_values(table, column)) for split, table in dd.items()}
+    if not isinstance(feature, ClassLabel):
+        values = set().union(*seen.values())
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+            raise MfkitError(
+                f"The {column!r} column holds values that are not class ids 0..C-1: {sorted(values, key=str)[:8]}.",
+                "write the labels as text (mfkit numbers them) or as whole numbers 0, 1, ...",
+            )
+        if values != set(range(len(values))):
+            raise MfkitError(
+                f"The labels are {sorted(values)}; class ids must be 0..{len(values) - 1} with none missing, "
+                "or the model gets outputs for classes that never occur.",
+                f"renumber them 0..{len(values) - 1} (e.g. {dict(zip(sorted(values), range(len(values)), strict=True))}), "
+                "or write them as text and let mfkit number them.",
+            )
+        names = [str(v) for v in range(len(values))]
+
+    def name(i: int) -> str:
+        return names[i] if isinstance(feature, ClassLabel) else str(i)
+
+    if len(seen.get("train", ())) < 2:
+        only = ", ".join(repr(name(v)) for v in sorted(seen.get("train", ())))
+        raise MfkitError(
+            f"The training split holds a single class ({only}): a classifier needs at least two.",
+            "load data with examples of at least two classes (check label_column / LABEL_COLUMN).",
+        )
+    for split, values in seen.items():
+        unseen = sorted(values - seen["train"])
+        if unseen:
+            raise MfkitError(
+                f"The {split} split has label(s) {[name(v) for v in unseen]} that the training split never has.",
+                "give every class training examples (more rows, or let mfkit split: drop the 'split' column), "
+                "or drop those rows.",
+            )
+    return [name(i) for i in range(len(names))]
 
 
 def _make_split(table: Dataset, fractions: Sequence[float]) -> DatasetDict:
@@ -414,12 +618,12 @@ def _load_local(
             f"There is no file at {path} (looked from {Path.cwd()}).",
             "check the path; a relative path starts from the folder the notebook runs in.",
         )
-    table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    table = _read_table(path, builder)
     if len(table) == 0:
-        raise MfkitError(f"{path} has no rows.", "load a file with at least one row per split.")
+        raise MfkitError(f"{path} has no data rows.", "add rows: one per example, with its text (and label).")
     table = _standardize(table, text_column, label_column)
     has_split = "split" in table.column_names
-    return _encode_string_labels(_split_by_column(table) if has_split else _make_split(table, fractions))
+    return _split_by_column(table) if has_split else _make_split(table, fractions)
 
 
 def hub_offline() -> bool:
@@ -486,7 +690,16 @@ def _load_hub(
         dd = DatasetDict(
             {split: _standardize(table, text_column, label_column) for split, table in dd.items()}
         )
-    return _encode_string_labels(_fill_missing_splits(dd, fractions))
+    return _fill_missing_splits(dd, fractions)
+
+
+def _finish(dd: DatasetDict, source: str, positive_label: Any) -> DatasetDict:
+    """Check a loaded dataset before anything trains on it: every split filled, labels usable, positive class set."""
+    check_splits_filled(dd, source)
+    dd = _encode_labels(dd, positive_label)
+    if "label" in dd["train"].column_names:
+        check_labels(dd)
+    return dd
 
 
 def load_data(
@@ -494,19 +707,25 @@ def load_data(
     *,
     text_column: str | None = None,
     label_column: str | None = None,
+    positive_label: Any = None,
     split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
 ) -> DatasetDict:
     """Load a dataset as a `DatasetDict` with `train`, `validation` and `test`.
 
     - A shipped name (`SHIPPED`): the file in the data folder, with its fixed splits; spam's `label` is a
       ClassLabel (ham, spam) and brown's `spans` a sequence of ClassLabel (O, B-NAME, I-NAME).
-    - A local `.csv`, `.json` or `.jsonl` file (optionally `.gz`): `text_column` (default `text`) and
-      `label_column` (default `label`, when present) are renamed to `text`/`label`; text labels become a
-      ClassLabel with sorted names. A `split` column is used as given, otherwise the rows are split by the
-      hash of their text in `split_fractions`, stratified by label.
+    - A local `.csv`, `.json` or `.jsonl` file (optionally `.gz`), UTF-8: `text_column` (default `text`) and
+      `label_column` (default `label`, when present) are renamed to `text`/`label`. A `split` column is used
+      as given, otherwise the rows are split by the hash of their text in `split_fractions`, stratified by label.
     - Any other name: `datasets.load_dataset(name)` from the Hub ('dev'/'valid' read as validation), with
       missing splits carved from `train` in `split_fractions`. Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)
       or unreachable, it raises `MfkitError` naming the shipped datasets.
+
+    Text labels become a ClassLabel: sorted names, except that `positive_label` (required for two text
+    classes) gets id 1, the class that precision, recall and F1 are reported for. Integer labels must be
+    0..C-1 (their positive class is 1). Before anything trains, every split must have rows, the training split
+    at least two classes, and no class may occur only in validation or test; a file that is empty, cut short
+    or not UTF-8 is refused up front. Every problem raises `MfkitError` naming the fix.
 
     `text_column`/`label_column` given for a shipped or hub dataset rename those columns the same way.
     """
@@ -524,14 +743,14 @@ def load_data(
             dd = DatasetDict(
                 {split: _standardize(table, text_column, label_column) for split, table in dd.items()}
             )
-        return dd
+        return _finish(dd, name, positive_label)
     path = Path(name).expanduser()
     builder = _local_builder(path)
     if builder is not None:
-        return _load_local(path, builder, text_column, label_column, fractions)
+        return _finish(_load_local(path, builder, text_column, label_column, fractions), str(path), positive_label)
     if path.exists():
         raise MfkitError(
             f"{path} exists but is not a .csv, .json or .jsonl file.",
             "save the data as CSV or JSON lines with a text column (and a label column), then load that file.",
         )
-    return _load_hub(name, text_column, label_column, fractions)
+    return _finish(_load_hub(name, text_column, label_column, fractions), name, positive_label)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 
 class MfkitError(ValueError):
     """A bad input, a missing artifact or an unreachable resource, with the fix in the message."""
@@ -25,3 +29,22 @@ def check_positive(name: str, value: float | int, allow_zero: bool = False) -> N
     if not ok:
         bound = "zero or more" if allow_zero else "greater than zero"
         raise MfkitError(f"{name}={value!r} must be a number {bound}.", f"pass {name} as a number {bound}.")
+
+
+def check_writable(folder: str | os.PathLike, name: str, fix: str) -> Path:
+    """Create `folder` if needed and prove a file can be written in it (none is left); else raise `MfkitError`.
+
+    Called before a long run, so a read-only folder is reported in one line instead of after all the work.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise MfkitError(
+            f"{name} {folder} cannot be written to ({reason}).",
+            f"{fix}, or make the folder writable (e.g. chmod -R u+w).",
+        ) from exc
+    return folder

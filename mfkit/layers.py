@@ -106,7 +106,7 @@ class GradualUnfreezing(Callback):
     Which groups are trainable is a pure function of the step, so a resumed run unfreezes exactly as an
     uninterrupted one. The optimizer must already hold the frozen parameters (see `discriminative_param_groups`
     or `parameter_groups(..., include_frozen=True)`). Not for DDP: DistributedDataParallel fixes the set of
-    trainable parameters when it wraps the model.
+    trainable parameters when it wraps the model, so under several processes it stops with an `MfkitError`.
     """
 
     def __init__(self, groups: list[LayerGroup], head_steps: int, every: int) -> None:
@@ -123,6 +123,16 @@ class GradualUnfreezing(Callback):
         if step < self.head_steps:
             return 1
         return min(len(self.groups), 2 + (step - self.head_steps) // self.every)
+
+    def on_train_begin(self, state: TrainState) -> None:
+        if state.accelerator.num_processes > 1:
+            raise MfkitError(
+                f"Gradual unfreezing cannot run on {state.accelerator.num_processes} processes: DDP fixes the set "
+                "of trainable parameters when it wraps the model, and layers unfrozen later would never be "
+                "synchronized across processes (each would train its own copy).",
+                "run this strategy in one process (plain `python`/Jupyter, not `accelerate launch`), or train "
+                "every layer from the start under DDP.",
+            )
 
     def on_step_begin(self, state: TrainState) -> None:
         count = self.trainable_groups(state.step)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,10 +17,44 @@ from torch.utils.data import DataLoader
 
 from .errors import MfkitError
 
+# The Accelerator of the `fit` that is running, if any: evaluation helpers called from its `eval_fn` gather
+# their per-example results from every process through it (see `gather_rows`).
+_ACCELERATOR: ContextVar[Any] = ContextVar("mfkit_accelerator", default=None)
+
+
+@contextmanager
+def gathering_with(accelerator: Any) -> Iterator[None]:
+    """Inside this block, the evaluation helpers gather their results across `accelerator`'s processes."""
+    token = _ACCELERATOR.set(accelerator)
+    try:
+        yield
+    finally:
+        _ACCELERATOR.reset(token)
+
+
+def gather_rows(rows: torch.Tensor, accelerator: Any = None) -> torch.Tensor:
+    """One batch's per-example results (first dimension = examples) from every process, on the CPU.
+
+    Under data parallelism each process scores its own shard of the evaluation loader; without gathering, every
+    process would report (and act on) a different number. `accelerator.gather_for_metrics` collects the rows of
+    all processes in order and drops the duplicates accelerate adds to make the last batches even. It must be
+    called once per batch of a prepared loader. With one process (or outside `fit`) it returns `rows` unchanged.
+    """
+    accelerator = accelerator or _ACCELERATOR.get()
+    if accelerator is None or accelerator.num_processes == 1:
+        return rows.cpu()
+    return accelerator.gather_for_metrics(rows.to(accelerator.device)).cpu()
+
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Run a classifier over `loader`; return (logits [n, classes], labels [n])."""
+def predict_logits(
+    model: nn.Module, loader: DataLoader, device: torch.device | str | None = None, accelerator: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run a classifier over `loader`; return (logits [n, classes], labels [n]).
+
+    Under `fit` with several processes (or with `accelerator` given), the rows of every process are gathered, so
+    each process gets the logits of the whole loader (see `gather_rows`).
+    """
     device = torch.device(device) if device else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -25,9 +62,11 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device | 
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         target = batch.pop("labels")
-        logits.append(model(**batch).logits.float().cpu())
-        labels.append(target.cpu())
+        logits.append(gather_rows(model(**batch).logits.float(), accelerator))
+        labels.append(gather_rows(target, accelerator))
     model.train(was_training)
+    if not logits:
+        raise MfkitError("The loader to predict on is empty.", "pass a loader over at least one example.")
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
@@ -57,11 +96,18 @@ def classification_scores(labels: Sequence[int], predictions: Sequence[int], pos
 
 
 @torch.no_grad()
-def token_nll(model: nn.Module, loader: DataLoader, device: torch.device | str | None = None, max_batches: int | None = None) -> tuple[float, int]:
+def token_nll(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    accelerator: Any = None,
+) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (nats) and the number of predicted tokens.
 
     For a block x_1..x_T the model predicts x_{t+1} from x_1..x_t, so a block contributes T-1 predictions
-    (positions whose label is -100 are skipped).
+    (positions whose label is -100 are skipped). Under `fit` with several processes the per-block sums of every
+    process are gathered (see `gather_rows`), so every process gets the figures of the whole loader.
     """
     device = torch.device(device) if device else next(model.parameters()).device
     was_training = model.training
@@ -75,9 +121,11 @@ def token_nll(model: nn.Module, loader: DataLoader, device: torch.device | str |
         mask = batch.get("attention_mask")
         logits = model(input_ids=ids, attention_mask=mask.to(device) if mask is not None else None).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += int((shift_labels != -100).sum())
+        losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+        per_block = torch.stack([losses.sum(dim=1).double(), (shift_labels != -100).sum(dim=1).double()], dim=1)
+        per_block = gather_rows(per_block, accelerator)
+        total += float(per_block[:, 0].sum())
+        count += int(per_block[:, 1].sum())
     model.train(was_training)
     if count == 0:
         raise MfkitError("No tokens to score.", "give token_nll a loader with blocks of at least two tokens.")

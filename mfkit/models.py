@@ -104,12 +104,76 @@ def _hub_error(name: str, exc: Exception) -> MfkitError:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+
+def _check_folder(name: str, path: str, needs: tuple[str, ...], what: str) -> None:
+    """Raise `MfkitError` when `path` is a local folder without any of the files `needs` (checked up front)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in needs):
+        present = sorted(p.name for p in folder.iterdir())[:8]
+        raise MfkitError(
+            f"{name} is a folder but not a saved {what}: it has no {' / '.join(needs)} (it holds {present}).",
+            "point at the folder that save_pretrained() wrote (with config.json, the weights and the tokenizer "
+            f"files), or use an embedded model ({', '.join(EMBEDDED)}).",
+        )
+
+
 def _from_pretrained(auto_class: Any, name: str, artifacts: str | Path | None, **kwargs: Any) -> Any:
     path = model_path(name, artifacts)
+    tokenizer = auto_class.__name__.endswith("Tokenizer")
+    _check_folder(name, path, TOKENIZER_FILES if tokenizer else ("config.json",), "tokenizer" if tokenizer else "model")
     try:
         return auto_class.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise _hub_error(name, exc) from exc
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest input a model's position embeddings allow (None when it has no such limit)."""
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(model: Any, max_length: int, knob: str = "MAX_LENGTH") -> None:
+    """Raise `MfkitError` when `max_length` tokens exceed the positions of `model` (a model, config or name).
+
+    A name is resolved like `load_model` does but only its config is read, so a notebook can check its
+    `MAX_LENGTH` before loading any weights.
+    """
+    config = getattr(model, "config", model)
+    if isinstance(model, str | Path):
+        from transformers import AutoConfig
+
+        _check_folder(str(model), model_path(str(model)), ("config.json",), "model")
+        try:
+            config = AutoConfig.from_pretrained(model_path(str(model)))
+        except OSError as exc:
+            raise _hub_error(str(model), exc) from exc
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise MfkitError(
+            f"{knob}={max_length} is longer than the model takes: its position embeddings stop at {limit} tokens.",
+            f"pass {knob} of at most {limit}.",
+        )
+
+
+def check_tokenizer_fits(model: Any, tokenizer: Any) -> None:
+    """Raise `MfkitError` when `tokenizer` can produce ids that `model`'s embedding table has no row for.
+
+    That happens with a tokenizer of another model; the raw failure would be an IndexError deep in a forward pass.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise MfkitError(
+            f"The tokenizer has {len(tokenizer):,} tokens but the model's embedding table only {rows:,} rows: "
+            "it is probably the tokenizer of another model.",
+            "load the tokenizer and the model from the same name (load_tokenizer(MODEL) with load_model(MODEL)), "
+            "or call model.resize_token_embeddings(len(tokenizer)) if you added tokens on purpose.",
+        )
 
 
 def load_tokenizer(name: str, artifacts: str | Path | None = None, **kwargs: Any) -> Any:

@@ -1,7 +1,15 @@
-"""Where things live: the repository, the shipped data, the artifacts the chain writes."""
+"""Where things live: the shipped data and notebooks, the artifacts and runs the chain writes.
+
+Two layouts are supported. In a clone of the repository (the package's parent folder holds `pyproject.toml` and
+`notebooks/`, whether the kit is installed editable or not at all) the data and notebooks are the repository's
+`data/` and `notebooks/`, and artifacts and runs go to the repository. Installed from a wheel (`pip install`, the
+notebooks' setup cell on Colab) the data and notebooks are the package's own `mfkit/_data` and `mfkit/_notebooks`,
+found with `importlib.resources`, and artifacts and runs go to the working folder, never into site-packages.
+"""
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import shutil
 import tempfile
@@ -15,22 +23,63 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 ARTIFACTS_ENV = "MFKIT_ARTIFACTS_DIR"
 DATA_ENV = "MFKIT_DATA_DIR"
+NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+
+
+def in_clone() -> bool:
+    """True when the package is imported from a clone of the repository (editable install or the source tree)."""
+    return (REPO_DIR / "pyproject.toml").is_file() and (REPO_DIR / "notebooks").is_dir()
+
+
+def _bundled(resource: str, repo_folder: str) -> Path:
+    """A folder the wheel carries as `mfkit/<resource>`; in a clone, the repository's `<repo_folder>/`."""
+    if in_clone():
+        return REPO_DIR / repo_folder
+    return Path(str(importlib.resources.files(__package__).joinpath(resource)))
 
 
 def data_dir() -> Path:
-    """The shipped data folder: `$MFKIT_DATA_DIR`, else `data/` of the repository."""
-    return Path(os.environ.get(DATA_ENV, REPO_DIR / "data"))
+    """The shipped data folder: `$MFKIT_DATA_DIR`, else `data/` of the clone, else the installed package's copy."""
+    chosen = os.environ.get(DATA_ENV)
+    return Path(chosen) if chosen else _bundled("_data", "data")
 
 
 def notebooks_dir() -> Path:
-    """The numbered notebooks of the chain."""
-    return REPO_DIR / "notebooks"
+    """The numbered notebooks the kit ships: `notebooks/` of the clone, else the installed package's copy."""
+    return _bundled("_notebooks", "notebooks")
+
+
+def work_dir() -> Path:
+    """Where the chain writes by default: the clone's root, else the current working folder."""
+    return REPO_DIR if in_clone() else Path.cwd()
+
+
+def runs_dir() -> Path:
+    """The default parent of `mfkit run` outputs (`runs/<profile>`): `runs/` of the clone or the working folder."""
+    return (work_dir() / "runs").resolve()
+
+
+def chain_notebooks_dir() -> Path:
+    """The notebooks `mfkit run` executes by default.
+
+    In a clone, its `notebooks/`; elsewhere the working folder when it holds numbered notebooks (the copies
+    `mfkit notebooks DIR` made, which a learner may have edited), else the installed package's copies.
+    """
+    if not in_clone() and any(Path.cwd().glob(NOTEBOOK_GLOB)):
+        return Path.cwd().resolve()
+    return notebooks_dir()
+
+
+def artifacts_location(path: str | os.PathLike | None = None) -> Path:
+    """The artifacts folder, not created: `path` if given, else `$MFKIT_ARTIFACTS_DIR`, else `artifacts/` of the
+    clone or of the working folder."""
+    chosen = path if path is not None else os.environ.get(ARTIFACTS_ENV) or work_dir() / "artifacts"
+    return Path(chosen).expanduser().resolve()
 
 
 def artifacts_dir(path: str | os.PathLike | None = None) -> Path:
-    """Resolve the artifacts folder: `path` if given, else `$MFKIT_ARTIFACTS_DIR`, else `artifacts/` of the repo."""
-    chosen = path if path is not None else os.environ.get(ARTIFACTS_ENV) or REPO_DIR / "artifacts"
-    resolved = Path(chosen).expanduser().resolve()
+    """The artifacts folder (see `artifacts_location`), created if needed."""
+    resolved = artifacts_location(path)
     resolved.mkdir(parents=True, exist_ok=True)
     return resolved
 

@@ -13,7 +13,7 @@ encoders, Llama-like and GPT-2 decoders); a classifier head stays trainable thro
 `parameter_report` (how much trains), `training_state_bytes` (gradients + AdamW moments of what trains),
 `saved_size` (an adapter or a full checkpoint on disk), `merge_check` (merged and unmerged logits agree),
 `AdaLoraBudget` (the rank reallocation AdaLoRA needs inside the training loop), `qlora_support` / `bnb_4bit_config`
-(4-bit loading where a CUDA GPU and bitsandbytes exist).
+/ `kbit_device_map` / `prepare_kbit_model` (4-bit loading where a CUDA GPU and bitsandbytes exist).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .env import pick_precision
 from .errors import MfkitError, check_choice, check_positive
 from .paths import atomic_folder
 from .training import Callback, TrainState
@@ -316,30 +317,52 @@ def merge_check(peft_model: nn.Module, batch: Mapping[str, torch.Tensor], copy_m
 # AdaLoRA inside `fit`
 
 
+def gradients_finite(parameters: Sequence[nn.Parameter] | Any) -> bool:
+    """True when every gradient of `parameters` that exists is finite (one host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
 class AdaLoraBudget(Callback):
     """Calls AdaLoRA's `update_and_allocate` after each optimizer step, while the gradients still exist.
 
     AdaLoRA scores each singular value by |value x gradient| (smoothed over steps) and, on its schedule, zeroes
     the least important ones until the average rank is `target_r`. That needs the gradients of the step, which
     `fit` clears right after `optimizer.step()`; so the callback hooks into the optimizer's step itself.
-    (The importance scores are not part of `fit`'s checkpoint: a resumed AdaLoRA run starts them afresh.)
+
+    Under fp16 the loss scaler skips a step whose gradients overflowed, but the fused AdamW kernel is still called
+    (it skips the update itself), so the hook runs with infinite gradients; fed to the importance scores, 0 x inf
+    = nan would stay there for good. Such steps are skipped here too. Where the fused kernel receives gradients
+    still multiplied by the loss scale (no `grad_clip`, which unscales them first), they are divided by it before
+    scoring. (The importance scores are not part of `fit`'s checkpoint: a resumed AdaLoRA run starts them afresh.)
     """
 
     def __init__(self) -> None:
         self._handle: Any = None
         self._state: TrainState | None = None
+        self._model: Any = None
+        self.skipped_steps: list[int] = []  # steps whose gradients were not finite
 
     def on_train_begin(self, state: TrainState) -> None:
         model = state.accelerator.unwrap_model(state.model)
         if not hasattr(getattr(model, "base_model", None), "update_and_allocate"):
             raise MfkitError("AdaLoraBudget was given a model without AdaLoRA adapters.", "use it only for method='adalora'.")
-        self._state = state
+        self._state, self._model = state, model
         optimizer = getattr(state.optimizer, "optimizer", state.optimizer)  # the torch optimizer inside accelerate's
+        self._handle = optimizer.register_step_post_hook(self.allocate)
 
-        def allocate(*_: Any) -> None:
-            model.base_model.update_and_allocate(self._state.step)
-
-        self._handle = optimizer.register_step_post_hook(allocate)
+    def allocate(self, optimizer: torch.optim.Optimizer | None = None, *_: Any) -> None:
+        """Update AdaLoRA's importance scores and rank budget from this step's gradients (finite ones only)."""
+        trainable = [p for p in self._model.parameters() if p.requires_grad]
+        if not gradients_finite(trainable):
+            self.skipped_steps.append(self._state.step)
+            return
+        scale = getattr(optimizer, "grad_scale", None)  # set by GradScaler for fused optimizers, during step()
+        if scale is not None:
+            for p in trainable:
+                if p.grad is not None:
+                    p.grad.div_(scale.to(p.grad.device))  # fit zeroes the gradients right after this step
+        self._model.base_model.update_and_allocate(self._state.step)
 
     def on_train_end(self, state: TrainState) -> None:
         if self._handle is not None:
@@ -376,11 +399,43 @@ def qlora_support() -> tuple[bool, str]:
     return True, ""
 
 
+def dtype_of_precision(precision: str) -> torch.dtype:
+    """The torch dtype of an `accelerate` precision name: bf16 -> bfloat16, fp16 -> float16, no -> float32."""
+    check_choice("precision", precision, ("bf16", "fp16", "no"))
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision]
+
+
 def bnb_4bit_config(compute_dtype: torch.dtype | None = None):
-    """QLoRA's quantization: NF4 weights, double quantization of the scales, compute in bf16 (fp16 on older GPUs)."""
+    """QLoRA's quantization: NF4 weights, double quantization of the scales, compute in the kit's precision.
+
+    The compute dtype follows `env.pick_precision`: bf16 only where the GPU has it natively (Ampere and newer),
+    fp16 on a T4 (whose bf16 is a slow emulation that `torch.cuda.is_bf16_supported()` still counts).
+    """
     from transformers import BitsAndBytesConfig
 
     if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+        compute_dtype = dtype_of_precision(pick_precision("cuda" if torch.cuda.is_available() else "cpu"))
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
+
+
+def kbit_device_map() -> dict[str, int | str]:
+    """`device_map` for loading a 4-bit model onto this process's own GPU.
+
+    `{"": 0}` would put every process's copy on cuda:0 under `accelerate launch`; the local process index is the
+    GPU accelerate gives each process (0 in a single process). On a machine without CUDA: the CPU.
+    """
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+def prepare_kbit_model(model: nn.Module) -> nn.Module:
+    """peft's `prepare_model_for_kbit_training` (frozen base, fp32 norms, input gradients), without turning on
+    gradient checkpointing: peft's default enables it (reentrant), which costs ~30% more compute and is not
+    needed for a 135M-parameter model; use `TrainConfig(gradient_checkpointing=True)` where memory is short."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

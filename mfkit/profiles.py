@@ -6,14 +6,19 @@ A notebook passes its explicit knobs to `configure`; any knob that is not None o
 
 from __future__ import annotations
 
+import copy
+import difflib
+import math
+import numbers
 from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .env import seed_everything
-from .errors import MfkitError, check_choice
+from .env import seed_everything, versions
+from .errors import MfkitError, check_choice, check_writable
 from .paths import artifacts_dir as resolve_artifacts_dir
-from .results import clear_results, set_notebook
+from .results import clear_results, record_run, set_notebook
 
 PROFILE_NAMES = ("smoke", "cpu", "gpu")
 
@@ -36,45 +41,45 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "03_full-finetuning": {
         "smoke": {"max_steps": 24, "batch_size": 16, "max_length": 64, "lr": 1e-4, "warmup": 0.1, "eval_every": 12,
-                  "train_limit": 800, "eval_limit": 160, "patience": 3},
-        "cpu": {"max_steps": 400, "batch_size": 16, "max_length": 128, "lr": 1e-4, "warmup": 0.1, "eval_every": 100,
-                "train_limit": None, "eval_limit": None, "patience": 3},
+                  "train_limit": 800, "eval_limit": 160, "val_limit": None, "patience": 3},
+        "cpu": {"max_steps": 240, "batch_size": 16, "max_length": 128, "lr": 1e-4, "warmup": 0.1, "eval_every": 60,
+                "train_limit": None, "eval_limit": None, "val_limit": 300, "patience": 3},
         "gpu": {"max_steps": 1500, "batch_size": 32, "max_length": 256, "lr": 5e-5, "warmup": 0.1, "eval_every": 150,
-                "train_limit": None, "eval_limit": None, "patience": 4},
+                "train_limit": None, "eval_limit": None, "val_limit": None, "patience": 4},
     },
-    # Issue 3 notebooks: provisional sizes, tuned by their authors.
+    # 04 runs on notebook 03's budget (steps, batch, length, data, seed: read from 03's card); these are its own knobs.
     "04_multistep-finetuning": {
-        "smoke": {"max_steps": 20, "batch_size": 8, "max_length": 64, "lr": 1e-4, "warmup": 0.1, "top_lr": 1e-3,
-                  "lr_divisor": 2.6, "cut_frac": 0.1, "stlr_ratio": 32, "head_steps": 4, "unfreeze_every": 2,
-                  "eval_every": 10, "train_limit": 400, "eval_limit": 100},
-        "cpu": {"max_steps": 300, "batch_size": 16, "max_length": 128, "lr": 1e-4, "warmup": 0.1, "top_lr": 1e-3,
-                "lr_divisor": 2.6, "cut_frac": 0.1, "stlr_ratio": 32, "head_steps": 30, "unfreeze_every": 15,
-                "eval_every": 50, "train_limit": None, "eval_limit": None},
-        "gpu": {"max_steps": 1000, "batch_size": 32, "max_length": 256, "lr": 5e-5, "warmup": 0.1, "top_lr": 1e-3,
-                "lr_divisor": 2.6, "cut_frac": 0.1, "stlr_ratio": 32, "head_steps": 100, "unfreeze_every": 50,
-                "eval_every": 100, "train_limit": None, "eval_limit": None},
+        "smoke": {"top_lr": 1e-3, "lr_divisor": 2.6, "cut_frac": 0.1, "stlr_ratio": 32, "head_steps": 4,
+                  "unfreeze_every": 2, "head_epochs": 2},
+        "cpu": {"top_lr": 1e-3, "lr_divisor": 2.6, "cut_frac": 0.1, "stlr_ratio": 32, "head_steps": 30,
+                "unfreeze_every": 15, "head_epochs": 5},
+        "gpu": {"top_lr": 1e-3, "lr_divisor": 2.6, "cut_frac": 0.1, "stlr_ratio": 32, "head_steps": 100,
+                "unfreeze_every": 50, "head_epochs": 10},
     },
+    # 05 trains its adapters on notebook 03's budget (read from 03's card); these are its own knobs.
     "05_peft-lora": {
-        "smoke": {"max_steps": 4, "batch_size": 8, "max_length": 64, "warmup": 0.1, "train_limit": 200, "eval_limit": 32,
-                  "lora_ranks": [2, 4], "rank": 4, "virtual_tokens": 8,
-                  "lrs": {"full": 1e-4, "lora": 2e-3, "adalora": 2e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2},
-                  "verse_steps": 2, "verse_batch_size": 2, "verse_lr": 2e-3, "verse_rank": 8, "verse_max_length": 128,
-                  "verse_train_limit": 16, "verse_eval": 4, "max_new_tokens": 16},
-        "cpu": {"max_steps": 200, "batch_size": 16, "max_length": 64, "warmup": 0.1, "train_limit": None, "eval_limit": None,
-                "lora_ranks": [2, 4, 16], "rank": 4, "virtual_tokens": 16,
-                "lrs": {"full": 1e-4, "lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2},
-                "verse_steps": 80, "verse_batch_size": 4, "verse_lr": 2e-3, "verse_rank": 8, "verse_max_length": 160,
-                "verse_train_limit": 400, "verse_eval": 48, "max_new_tokens": 64},
-        "gpu": {"max_steps": 600, "batch_size": 32, "max_length": 256, "warmup": 0.1, "train_limit": None, "eval_limit": None,
-                "lora_ranks": [2, 4, 16], "rank": 4, "virtual_tokens": 16,
-                "lrs": {"full": 5e-5, "lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2},
-                "verse_steps": 300, "verse_batch_size": 16, "verse_lr": 1e-3, "verse_rank": 8, "verse_max_length": 192,
-                "verse_train_limit": 5000, "verse_eval": 200, "max_new_tokens": 96},
+        "smoke": {"seeds": [0], "lora_ranks": [4], "methods": ["adalora", "ia3", "prefix", "prompt"], "rank": 4,
+                  "virtual_tokens": 8,
+                  "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}},
+        "cpu": {"seeds": [0, 1], "lora_ranks": [4, 16], "methods": ["adalora", "ia3", "prompt"], "rank": 4,
+                "virtual_tokens": 16,
+                "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}},
+        "gpu": {"seeds": [0, 1, 2], "lora_ranks": [2, 4, 16], "methods": ["adalora", "ia3", "prefix", "prompt"],
+                "rank": 4, "virtual_tokens": 16,
+                "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}},
     },
-    "06_prompting-few-shot": {
+    "06_instruction-tuning": {
+        "smoke": {"max_steps": 2, "batch_size": 2, "lr": 2e-3, "rank": 8, "max_length": 128, "train_limit": 16,
+                  "eval_verses": 4, "max_new_tokens": 16},
+        "cpu": {"max_steps": 80, "batch_size": 4, "lr": 2e-3, "rank": 8, "max_length": 160, "train_limit": 400,
+                "eval_verses": 48, "max_new_tokens": 64},
+        "gpu": {"max_steps": 300, "batch_size": 16, "lr": 1e-3, "rank": 8, "max_length": 192, "train_limit": 5000,
+                "eval_verses": 200, "max_new_tokens": 96},
+    },
+    "07_prompting-few-shot": {
         "smoke": {"shots": (0, 2), "draws": 1, "templates": ("spam-ham", "yes-no"), "eval_limit": 16,
                   "max_chars": 200, "max_context_tokens": 2048},
-        "cpu": {"shots": (0, 1, 2, 4, 8), "draws": 3, "templates": ("spam-ham", "yes-no", "folder-a-b"),
+        "cpu": {"shots": (0, 2, 8), "draws": 2, "templates": ("spam-ham", "yes-no", "folder-a-b"),
                 "eval_limit": 100, "max_chars": 200, "max_context_tokens": 2048},
         "gpu": {"shots": (0, 1, 2, 4, 8), "draws": 5, "templates": ("spam-ham", "yes-no", "folder-a-b"),
                 "eval_limit": None, "max_chars": 400, "max_context_tokens": 4096},
@@ -107,12 +112,166 @@ class Config(Mapping):
         return f"Config({self._knobs!r})"
 
 
+# Knobs every notebook accepts (None: not set), so a notebook that takes DATASET can take its columns too.
+DATA_KNOBS: dict[str, Any] = {"text_column": None, "label_column": None, "positive_label": None}
+# Whole-number knobs for which 0 is a meaningful value (everything else counts from 1).
+ZERO_ALLOWED = frozenset({"head_steps", "warmup", "patience", "min_frequency"})
+# Knobs that are fractions strictly between 0 and 1.
+FRACTION_KNOBS = frozenset({"cut_frac"})
+ALL_WORDS = ("all", "none")
+SEED_LIMIT = 2**32
+
+
 def profile_knobs(notebook: str, profile: str) -> dict[str, Any]:
-    """The sizes `profile` gives `notebook` (a copy)."""
+    """The sizes `profile` gives `notebook` (a copy), with the data knobs every notebook accepts."""
     check_choice("PROFILE", profile, PROFILE_NAMES)
     if notebook not in PROFILES:
         raise MfkitError(f"No profile table for notebook {notebook!r}.", f"add it to PROFILES in {__file__}.")
-    return dict(PROFILES[notebook][profile])
+    return {**DATA_KNOBS, **copy.deepcopy(PROFILES[notebook][profile])}
+
+
+def _examples(notebook: str, name: str) -> list[Any]:
+    """The values the profiles of `notebook` give knob `name` (None included)."""
+    return [PROFILES[notebook][p].get(name) for p in PROFILE_NAMES if name in PROFILES[notebook][p]]
+
+
+def is_limit(notebook: str, name: str) -> bool:
+    """True for a row limit, where None means "all": a `*_limit` knob, or one some profile leaves at None."""
+    return name.endswith("_limit") or None in _examples(notebook, name)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_value(label: str, value: Any, example: Any, zero_ok: bool) -> tuple[Any, str | None]:
+    """`value` checked against the kind of `example` (a profile's value): (value to use, problem or None)."""
+    if isinstance(example, bool):
+        return value, None if isinstance(value, bool) else f"{label}={value!r} must be True or False"
+    if isinstance(example, int):
+        whole = _is_number(value) and float(value).is_integer() and math.isfinite(float(value))
+        lowest = 0 if zero_ok else 1
+        if not whole or value < lowest:
+            return value, f"{label}={value!r} must be a whole number of {lowest} or more"
+        return int(value), None
+    if isinstance(example, float):
+        if not _is_number(value) or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            bound = "zero or more" if zero_ok else "greater than zero"
+            return value, f"{label}={value!r} must be a finite number {bound}"
+        return value, None
+    if isinstance(example, str):
+        return value, None if isinstance(value, str) and value else f"{label}={value!r} must be a non-empty string"
+    if isinstance(example, list | tuple):
+        if not isinstance(value, list | tuple) or not value:
+            return value, f"{label}={value!r} must be a non-empty list like {list(example)}"
+        zero_ok = zero_ok or 0 in example
+        checked = [_check_value(f"{label}[{i}]", v, example[0], zero_ok) for i, v in enumerate(value)]
+        problems = [p for _, p in checked if p]
+        return type(example)(v for v, _ in checked), "; ".join(problems) or None
+    if isinstance(example, Mapping):
+        if not isinstance(value, Mapping):
+            return value, f"{label}={value!r} must be a dict like {dict(example)}"
+        unknown = sorted(set(value) - set(example), key=str)
+        if unknown:
+            return value, f"{label} has unknown key(s) {unknown}; its keys are {sorted(example)}"
+        checked = {k: _check_value(f"{label}[{k!r}]", v, example[k], zero_ok) for k, v in value.items()}
+        problems = [p for _, p in checked.values() if p]
+        return {**example, **{k: v for k, (v, _) in checked.items()}}, "; ".join(problems) or None
+    return value, None
+
+
+def _check_knob(notebook: str, name: str, value: Any, profile_value: Any) -> tuple[Any, str | None]:
+    """One explicit knob checked against the notebook's profiles: (resolved value, problem or None).
+
+    A limit accepts "all" (or 0) for no limit; a dict knob is merged into the profile's dict.
+    """
+    if name in DATA_KNOBS:
+        ok = isinstance(value, str) and value or (name == "positive_label" and _is_number(value))
+        return value, None if ok else f"{name}={value!r} must be a column or label name (a string)"
+    if is_limit(notebook, name):
+        if (isinstance(value, str) and value.strip().lower() in ALL_WORDS) or (value == 0 and _is_number(value)):
+            return None, None
+        return _check_value(name, value, 1, zero_ok=False)
+    example = next((e for e in _examples(notebook, name) if e is not None), None)
+    if isinstance(example, Mapping) and isinstance(profile_value, Mapping):
+        example = profile_value  # merge into this profile's dict, not another's
+    value, problem = _check_value(name, value, example, zero_ok=name in ZERO_ALLOWED)
+    if problem is None and name in FRACTION_KNOBS and not 0 < value < 1:
+        problem = f"{name}={value!r} must be a fraction between 0 and 1"
+    return value, problem
+
+
+def _check_seed(seed: Any) -> str | None:
+    ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT
+    return None if ok else f"seed={seed!r} must be a whole number from 0 to {SEED_LIMIT - 1}"
+
+
+def resolve_knobs(notebook: str, profile: str, seed: Any = 0, **knobs: Any) -> dict[str, Any]:
+    """A notebook's knobs: its profile's values, replaced by every explicit knob that is not None, all checked.
+
+    Raises one `MfkitError` listing every unknown knob or bad value, before anything is loaded.
+    """
+    resolved = profile_knobs(notebook, profile)
+    unknown = sorted(set(knobs) - set(resolved))
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, resolved, n=1) for k in unknown}
+        near = "; ".join(f"{k} -> {v[0]}?" for k, v in hints.items() if v)
+        raise MfkitError(
+            f"Unknown knob(s) {unknown} for {notebook}" + (f" (did you mean: {near})." if near else "."),
+            f"use the notebook's parameters: {sorted(resolved)}.",
+        )
+    problems = [p for p in [_check_seed(seed)] if p]
+    for name, value in knobs.items():
+        if value is not None:
+            resolved[name], problem = _check_knob(notebook, name, value, resolved[name])
+            problems += [problem] if problem else []
+    if problems:
+        raise MfkitError(
+            f"Bad value(s) for {notebook}: " + "; ".join(problems) + ".",
+            "fix these parameters in the notebook's parameters cell (or --param NAME=VALUE); leave a knob at "
+            "None for the profile's value.",
+        )
+    return resolved
+
+
+def _plain_knob(value: Any) -> Any:
+    """A knob value as JSON can hold it (paths as text, tuples as lists)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain_knob(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain_knob(v) for k, v in value.items()}
+    return value
+
+
+def run_info(notebook: str, resolved: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """What produced a notebook's numbers: its resolved knobs, which were explicit, when, and the versions."""
+    from . import __version__
+
+    found = versions(("torch", "transformers"))
+    return {
+        "notebook": notebook,
+        "profile": resolved["profile"],
+        "seed": resolved["seed"],
+        "knobs": {k: _plain_knob(v) for k, v in resolved.items() if k not in ("notebook", "profile", "seed")},
+        "overrides": sorted(overrides),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {**found, "mfkit": __version__},
+    }
+
+
+def writable_artifacts(path: str | Path | None) -> Path:
+    """The artifacts folder (see `mfkit.paths.artifacts_dir`), proven writable now rather than after the training."""
+    fix = "point ARTIFACTS_DIR at a folder you can write to"
+    try:
+        folder = resolve_artifacts_dir(path)
+    except OSError as exc:
+        raise MfkitError(
+            f"ARTIFACTS_DIR {exc.filename or path} cannot be written to ({exc.strerror or type(exc).__name__}).",
+            f"{fix}, or make the folder writable (e.g. chmod -R u+w).",
+        ) from exc
+    return check_writable(folder / "results", "ARTIFACTS_DIR", fix).parent
 
 
 def configure(
@@ -125,23 +284,27 @@ def configure(
 ) -> Config:
     """Resolve a notebook's knobs from its profile and explicit overrides, seed, and start its results ledger.
 
-    Knobs passed as None take the profile's value; an unknown knob is an error (it is usually a typo).
+    - A knob passed as None takes the profile's value; an unknown knob is an error (it is usually a typo).
+    - Every explicit value is checked against the kind of the profile's value before anything is loaded:
+      whole numbers >= 1 (>= 0 for `ZERO_ALLOWED`), finite positive rates, non-empty lists, one `MfkitError`
+      listing every problem.
+    - A row limit (`*_limit`, or a knob some profile leaves at None) set to "all" or 0 means no limit (None),
+      even when the profile has one.
+    - A dict knob (e.g. `lrs`) may be given in part: its keys replace the profile's, unknown keys are an error.
+    - `text_column`, `label_column`, `positive_label` are accepted by every notebook (None: not set), for
+      `mfkit.data.load_data`.
+    - The artifacts folder must be writable (checked now, not after the training). The results ledger of the
+      notebook is cleared and starts with the run's resolved knobs and versions (`mfkit.results.RUN_KEY`).
     """
-    resolved = profile_knobs(notebook, profile)
-    unknown = sorted(set(knobs) - set(resolved))
-    if unknown:
-        raise MfkitError(
-            f"Unknown knob(s) {unknown} for {notebook}.", f"use the notebook's parameters: {sorted(resolved)}."
-        )
-    resolved.update({k: v for k, v in knobs.items() if v is not None})
-    folder = resolve_artifacts_dir(artifacts_dir)
+    resolved = resolve_knobs(notebook, profile, seed, **knobs)
+    folder = writable_artifacts(artifacts_dir)
+    resolved.update(profile=profile, seed=seed, artifacts_dir=folder, notebook=notebook)
     set_notebook(notebook, folder)
     clear_results(notebook, folder)
+    record_run(run_info(notebook, resolved, [k for k, v in knobs.items() if v is not None]), notebook)
     seed_everything(seed)
-    resolved.update(profile=profile, seed=seed, artifacts_dir=folder, notebook=notebook)
     cfg = Config(resolved)
     if not quiet:
         width = max(map(len, cfg))
         print("\n".join(f"{k:<{width}}  {v}" for k, v in cfg.items()))
     return cfg
-

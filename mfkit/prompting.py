@@ -68,14 +68,18 @@ def continuation_logprobs(
         longest = max(map(len, seqs))
         ids = torch.tensor([s + [pad] * (longest - len(s)) for s in seqs], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in seqs], device=device)
-        logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        logits = model(input_ids=ids, attention_mask=mask).logits
         for row, (i, j) in enumerate(chunk):
             n_ctx = len(ctx_ids[i])
             if single:  # the next-token distribution after the context scores every label word at once
-                scores[i] = logprobs[row, n_ctx - 1, [c[0] for c in cont_ids]].cpu().numpy()
+                logprobs = F.log_softmax(logits[row, n_ctx - 1].float(), dim=-1)
+                scores[i] = logprobs[[c[0] for c in cont_ids]].cpu().numpy()
             else:  # token t of the continuation is predicted at position n_ctx - 1 + t
                 targets = torch.tensor(cont_ids[j], device=device)
                 positions = torch.arange(n_ctx - 1, n_ctx - 1 + len(targets), device=device)
-                scores[i, j] = logprobs[row, positions, targets].sum().item()
+                # Only these positions need a distribution: a log-softmax over all [batch, T, vocab] logits in
+                # float32 would take batch x T x vocab x 4 bytes (13 GB at 8 x 4,096 tokens x 100k words).
+                logprobs = F.log_softmax(logits[row, positions].float(), dim=-1)
+                scores[i, j] = logprobs[torch.arange(len(targets), device=device), targets].sum().item()
     model.train(was_training)
     return scores

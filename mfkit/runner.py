@@ -10,6 +10,7 @@ the independent ones still run.
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import os
 import re
@@ -26,16 +27,18 @@ import papermill
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
-from .errors import MfkitError, check_choice, check_positive
-from .paths import ARTIFACTS_ENV, REPO_DIR, atomic_path, notebooks_dir
+from .errors import MfkitError, check_choice, check_positive, check_writable
+from .paths import ARTIFACTS_ENV, atomic_path, chain_notebooks_dir, runs_dir
 from .profiles import PROFILE_NAMES
-from .results import clear_results, load_results
+from .results import clear_results, load_results, load_run, set_aside_failed
 
 KERNEL_NAME = "python3"
 SUMMARY_NAME = "summary.json"
 NOTEBOOK_PATTERN = re.compile(r"^(\d{2})_[\w.-]+\.ipynb$")
 PARAM_TYPES = (str, int, float, bool, type(None), list, dict)
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
+ALWAYS_INJECTED = ("PROFILE", "ARTIFACTS_DIR")
+_CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Notebook:
     stem: str
     path: Path
     requires: tuple[str, ...] = ()
+    parameters: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -57,6 +61,9 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     output: str | None = None
+    partial_metrics: dict[str, Any] = field(default_factory=dict)
+    partial_ledger: str | None = None
+    run: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,12 +86,16 @@ class ChainReport:
 # --- finding and selecting notebooks ---------------------------------------------------------------------
 
 
-def _requires(path: Path) -> tuple[str, ...]:
-    """The notebook stems listed in `metadata["mfkit"]["requires"]` of the notebook at `path`."""
+def _read(path: Path) -> Any:
+    """The notebook at `path`, or an `MfkitError` when it cannot be read."""
     try:
-        meta = nbformat.read(path, as_version=4).metadata
+        return nbformat.read(path, as_version=4)
     except Exception as exc:  # nbformat raises several types for a broken file
         raise MfkitError(f"{path} is not a readable notebook ({exc}).", "open it in Jupyter and save it again.") from exc
+
+
+def _requires(path: Path, meta: Mapping[str, Any]) -> tuple[str, ...]:
+    """The notebook stems listed in `metadata["mfkit"]["requires"]` of a notebook."""
     requires = meta.get("mfkit", {}).get("requires", [])
     if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
         raise MfkitError(
@@ -94,15 +105,36 @@ def _requires(path: Path) -> tuple[str, ...]:
     return tuple(requires)
 
 
+def parameter_names(source: str) -> frozenset[str]:
+    """The names a `parameters` cell assigns (`NAME = value`, `NAME: type = value`)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # e.g. an IPython magic in the cell: fall back to the lines that look like assignments
+        return frozenset(re.findall(r"^([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)", source, flags=re.MULTILINE))
+    names: set[str] = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return frozenset(names)
+
+
+def _parameters(nb: Any) -> frozenset[str]:
+    """The parameters of a notebook: the names its `parameters`-tagged cells assign."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    return frozenset().union(*(parameter_names(c.source) for c in cells))
+
+
 def discover(folder: str | os.PathLike | None = None) -> list[Notebook]:
     """The `NN_slug.ipynb` notebooks of `folder` (default: the repository's), in chain order."""
-    folder = Path(folder).expanduser().resolve() if folder is not None else notebooks_dir()
+    folder = Path(folder).expanduser().resolve() if folder is not None else chain_notebooks_dir()
     if not folder.is_dir():
         raise MfkitError(f"Notebooks folder {folder} does not exist.", "pass --notebooks DIR with the NN_slug.ipynb files.")
     paths = sorted(p for p in folder.iterdir() if NOTEBOOK_PATTERN.match(p.name))
     if not paths:
         raise MfkitError(f"No NN_slug.ipynb notebooks in {folder}.", "pass --notebooks DIR with the numbered notebooks.")
-    found = [Notebook(p.name[:2], p.stem, p, _requires(p)) for p in paths]
+    read = {p: _read(p) for p in paths}
+    found = [Notebook(p.name[:2], p.stem, p, _requires(p, nb.metadata), _parameters(nb)) for p, nb in read.items()]
     stems = {nb.stem for nb in found}
     for nb in found:
         unknown = [r for r in nb.requires if r not in stems]
@@ -224,6 +256,36 @@ def parse_params(items: Iterable[str] | None) -> dict[str, Any]:
     return params
 
 
+def check_params(params: Mapping[str, Any], chosen: Sequence[Notebook]) -> None:
+    """Refuse a `--param` that none of the selected notebooks has in its parameters cell (usually a typo)."""
+    known = set().union(*(nb.parameters for nb in chosen)) | set(ALWAYS_INJECTED)
+    unknown = [key for key in params if key not in known]
+    if not unknown:
+        return
+    hints = {key: difflib.get_close_matches(key, sorted(known), n=1) for key in unknown}
+    near = "; ".join(f"{key} -> {match[0]}?" for key, match in hints.items() if match)
+    names = ", ".join(nb.stem for nb in chosen)
+    raise MfkitError(
+        f"--param {', '.join(unknown)}: no selected notebook ({names}) has "
+        f"{'this parameter' if len(unknown) == 1 else 'these parameters'}" + (f" (did you mean {near})" if near else "")
+        + ".",
+        f"use parameters from the notebooks' parameters cells: {', '.join(sorted(known - set(ALWAYS_INJECTED)))}.",
+    )
+
+
+def params_for(nb: Notebook, injected: Mapping[str, Any]) -> dict[str, Any]:
+    """The injected parameters a notebook has (PROFILE and ARTIFACTS_DIR always), so no notebook gets another's."""
+    return {k: v for k, v in injected.items() if k in ALWAYS_INJECTED or k in nb.parameters}
+
+
+def check_folders(out_dir: Path, artifacts: Path) -> None:
+    """Stop before any notebook runs when the output or artifacts folder cannot be written."""
+    check_writable(out_dir / "notebooks", "The output folder", "pass --output DIR with a folder you can write to")
+    check_writable(
+        artifacts / "results", "ARTIFACTS_DIR", "pass --param ARTIFACTS_DIR=DIR with a folder you can write to"
+    )
+
+
 # --- running ---------------------------------------------------------------------------------------------------
 
 
@@ -275,15 +337,27 @@ def _source_cell_number(path: Path, executed_index: int) -> int | None:
     return executed_index + (0 if executed_index > injected_at else 1)
 
 
+def root_cause(traceback: Sequence[str]) -> str | None:
+    """The first exception of a chained traceback ("The above exception was the direct cause..."), or None."""
+    entries = [papermill.exceptions.strip_color(str(e)) for e in traceback]
+    first = next((i for i, e in enumerate(entries) if any(m in e for m in _CHAINED)), None)
+    if not first:
+        return None
+    lines = [line for line in entries[first - 1].splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None
+
+
 def describe_failure(nb: Notebook, exc: Exception, executed: Path) -> str:
     """One short message naming the notebook, the failing cell and the error."""
     if isinstance(exc, papermill.PapermillExecutionError):
         number = _source_cell_number(nb.path, exc.cell_index)
         where = f"cell {number}" if number is not None else "the injected parameters cell"
         first = next((line for line in str(exc.source).splitlines() if line.strip()), "")
+        cause = root_cause(exc.traceback or [])
+        caused = f"\n  caused by {_short(cause, 1)}" if cause and cause.split(":", 1)[-1].strip() not in exc.evalue else ""
         return (
             f"{nb.stem} failed in {where} (In [{exc.exec_count}]: {_short(first, 1, 80)}): "
-            f"{exc.ename}: {_short(exc.evalue)}\n  executed notebook: {executed}"
+            f"{exc.ename}: {_short(exc.evalue)}{caused}\n  executed notebook: {executed}"
         )
     return f"{nb.stem} failed: {type(exc).__name__}: {_short(str(exc), 1)}\n  executed notebook: {executed}"
 
@@ -331,8 +405,19 @@ def run_notebook(
     metrics, ledger_error = _read_metrics(nb.stem, artifacts)
     if ledger_error and error is None:
         error = f"{nb.stem}: {ledger_error}"
-    status = STATUS_FAILED if error else STATUS_OK
-    return Outcome(status, seconds, metrics, error, str(executed))
+    if error is None:
+        return Outcome(STATUS_OK, seconds, metrics, None, str(executed), run=_read_run(nb.stem, artifacts))
+    moved = set_aside_failed(nb.stem, artifacts)  # a later notebook must not read a failed run's numbers
+    return Outcome(STATUS_FAILED, seconds, {}, error, str(executed), partial_metrics=metrics,
+                   partial_ledger=str(moved) if moved else None)
+
+
+def _read_run(stem: str, artifacts: Path) -> dict[str, Any]:
+    """A notebook's run record (knobs, versions), {} when it has none or it cannot be read."""
+    try:
+        return load_run(stem, artifacts)
+    except (OSError, ValueError):
+        return {}
 
 
 def _skip_reason(nb: Notebook, graph: Mapping[str, Iterable[str]], outcomes: Mapping[str, Outcome]) -> str | None:
@@ -344,8 +429,8 @@ def _skip_reason(nb: Notebook, graph: Mapping[str, Iterable[str]], outcomes: Map
 
 
 def resolve_output(profile: str, output: str | os.PathLike | None) -> Path:
-    """The run's output folder: `output`, else `runs/<profile>` of the repository (absolute)."""
-    return Path(output).expanduser().resolve() if output is not None else (REPO_DIR / "runs" / profile).resolve()
+    """The run's output folder: `output`, else `runs/<profile>` (of the clone, or of the working folder)."""
+    return Path(output).expanduser().resolve() if output is not None else (runs_dir() / profile).resolve()
 
 
 def run_chain(
@@ -371,9 +456,11 @@ def run_chain(
         raise MfkitError("PROFILE cannot be passed as a parameter.", "use --profile smoke|cpu|gpu.")
     found = discover(notebooks)
     chosen = select(found, only, start, end)
+    check_params(params, chosen)
     _check_kernel()
     out_dir = resolve_output(profile, output)
     artifacts = Path(params.pop("ARTIFACTS_DIR", out_dir / "artifacts")).expanduser().resolve()
+    check_folders(out_dir, artifacts)
     injected = {"PROFILE": profile, "ARTIFACTS_DIR": str(artifacts), **params}
     graph = {nb.stem: nb.requires for nb in found}
     width = max([len(nb.stem) for nb in chosen] + [len("notebook")])
@@ -389,11 +476,13 @@ def run_chain(
             if reason:
                 outcome = Outcome(STATUS_SKIPPED, error=f"{nb.stem} skipped: {reason}")
             else:
-                outcome = run_notebook(nb, out_dir, artifacts, injected, timeout, log_output)
+                outcome = run_notebook(nb, out_dir, artifacts, params_for(nb, injected), timeout, log_output)
             outcomes[nb.stem] = outcome
             print(table_row(nb.stem, asdict(outcome), width), flush=True)
             if outcome.status == STATUS_FAILED:
                 print(indent(outcome.error or ""), flush=True)
+                if outcome.partial_metrics:
+                    print(indent(partial_note(asdict(outcome))), flush=True)
 
     summary = {
         "profile": profile,
@@ -421,6 +510,25 @@ def write_summary(summary: Mapping[str, Any], output: Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return path
+
+
+def latest_run(root: str | os.PathLike | None = None) -> Path:
+    """The output folder of the most recent run: the newest `summary.json` under `root` (default `runs/`)."""
+    root = Path(root).expanduser().resolve() if root is not None else runs_dir()
+    found = sorted(root.rglob(SUMMARY_NAME), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not found:
+        raise MfkitError(f"No run summary under {root}.", "run `mfkit run` first, or pass --output DIR of a run.")
+    return found[-1].parent
+
+
+def find_run(name: str | os.PathLike) -> Path:
+    """A run's output folder from what a user types: a folder, its summary.json, or a profile name (runs/<profile>)."""
+    path = Path(name).expanduser()
+    if path.name == SUMMARY_NAME:
+        path = path.parent
+    if not path.exists() and str(name) in PROFILE_NAMES:
+        path = runs_dir() / str(name)
+    return path.resolve()
 
 
 def load_summary(output: str | os.PathLike) -> dict[str, Any]:
@@ -466,6 +574,12 @@ def table_row(stem: str, entry: Mapping[str, Any], width: int) -> str:
     return f"{stem:<{width}}  {entry.get('status', '?'):<7}  {seconds}  {format_metrics(entry.get('metrics') or {})}"
 
 
+def partial_note(entry: Mapping[str, Any]) -> str:
+    """The line that shows what a failed notebook recorded before failing, marked as not being its results."""
+    where = f" (kept in {entry['partial_ledger']})" if entry.get("partial_ledger") else ""
+    return f"recorded before it failed, NOT results{where}: {format_metrics(entry.get('partial_metrics') or {})}"
+
+
 def indent(text: str, prefix: str = "    ") -> str:
     """Indent every line of `text`."""
     return "\n".join(prefix + line for line in text.splitlines())
@@ -476,7 +590,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     entries: Mapping[str, Mapping[str, Any]] = summary["notebooks"]
     width = max([len(s) for s in entries] + [len("notebook")])
     lines = [table_header(width)] + [table_row(stem, e, width) for stem, e in entries.items()]
-    problems = [e["error"] for e in entries.values() if e.get("status") != STATUS_OK and e.get("error")]
+    problems = [
+        e["error"] + ("\n  " + partial_note(e) if e.get("partial_metrics") else "")
+        for e in entries.values()
+        if e.get("status") != STATUS_OK and e.get("error")
+    ]
     if problems:
         lines += [""] + [indent(p, "  ") for p in problems]
     counts = {s: sum(e.get("status") == s for e in entries.values()) for s in (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)}
@@ -484,3 +602,60 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines.append(f"profile {summary.get('profile')}: {verdict} in {summary.get('seconds', 0.0):.1f} s "
                  f"(summary: {Path(summary.get('output_dir', '.')) / SUMMARY_NAME})")
     return "\n".join(lines)
+
+
+def _difference(a: Any, b: Any) -> str:
+    """B - A for two numbers (not booleans), else '' ."""
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b))
+    return f"{b - a:+.4g}" if numeric else ("" if a == b else "changed")
+
+
+def _knob_changes(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The knobs (and profile, seed) whose values differ between two run records."""
+    flat_a = {**a.get("knobs", {}), "profile": a.get("profile"), "seed": a.get("seed")}
+    flat_b = {**b.get("knobs", {}), "profile": b.get("profile"), "seed": b.get("seed")}
+    skip = {"artifacts_dir"}
+    return [
+        f"{k}: {format_value(flat_a.get(k), 20)} -> {format_value(flat_b.get(k), 20)}"
+        for k in sorted(set(flat_a) | set(flat_b))
+        if k not in skip and flat_a.get(k) != flat_b.get(k)
+    ]
+
+
+def format_comparison(a: Mapping[str, Any], b: Mapping[str, Any], label_a: str = "A", label_b: str = "B") -> str:
+    """Two runs side by side: for each notebook its metrics in A and B and the difference B - A.
+
+    A notebook that did not run cleanly in one of them shows its status there instead of numbers; the knobs
+    that differ between the two runs of a notebook (from the ledgers' run records) are listed under it.
+    """
+    entries_a, entries_b = a["notebooks"], b["notebooks"]
+    stems = list(entries_a) + [s for s in entries_b if s not in entries_a]
+    rows: list[tuple[str, str, str, str]] = []
+    notes: dict[int, list[str]] = {}
+    for stem in stems:
+        ea, eb = entries_a.get(stem, {}), entries_b.get(stem, {})
+        ma, mb = ea.get("metrics") or {}, eb.get("metrics") or {}
+        rows.append((stem, ea.get("status", "-"), eb.get("status", "-"), ""))
+        for name in list(ma) + [n for n in mb if n not in ma]:
+            va, vb = ma.get(name), mb.get(name)
+            rows.append((
+                f"  {name}",
+                format_value(va, 24) if name in ma else "-",
+                format_value(vb, 24) if name in mb else "-",
+                _difference(va, vb) if name in ma and name in mb else "",
+            ))
+        changes = _knob_changes(ea.get("run") or {}, eb.get("run") or {}) if ea.get("run") and eb.get("run") else []
+        if changes:
+            notes[len(rows) - 1] = [f"  knobs that differ: {'; '.join(changes)}"]
+    widths = [max(len(r[i]) for r in [("notebook / metric", label_a, label_b, "B - A"), *rows]) for i in range(4)]
+
+    def line(r: tuple[str, str, str, str]) -> str:
+        return f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}".rstrip()
+
+    out = [f"A: {a.get('output_dir', label_a)} (profile {a.get('profile')}, started {a.get('started')})",
+           f"B: {b.get('output_dir', label_b)} (profile {b.get('profile')}, started {b.get('started')})", "",
+           line(("notebook / metric", "A", "B", "B - A"))]
+    for i, r in enumerate(rows):
+        out.append(line(r))
+        out.extend(notes.get(i, []))
+    return "\n".join(out)

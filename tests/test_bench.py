@@ -1,14 +1,29 @@
-"""`mfkit bench`: the FLOPs count behind MFU, the summary ratios, and one tiny end-to-end run of all three runners."""
+"""`mfkit bench`: the FLOPs count behind MFU, the timing window, paired ratios and their verdict, the bare loop's
+precision, and one tiny end-to-end run of every runner."""
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 
 import pytest
+import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from mfkit import bench
 from mfkit.cli import main
+from mfkit.loaders import make_loader, pad_collate
+from mfkit.training import TrainConfig
+
+
+def tiny_gpt() -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+
+
+def gpt_rows(n: int) -> list[dict]:
+    return [{"input_ids": [(i + j) % 50 for j in range(3 + i % 9)], "labels": [(i + j) % 50 for j in range(3 + i % 9)]}
+            for i in range(n)]
 
 
 def test_matmul_parameters_count_linear_weights_not_embeddings():
@@ -22,25 +37,158 @@ def test_matmul_parameters_count_linear_weights_not_embeddings():
     assert bench.matmul_parameters(bert) == layers * 12 * d * d + d * d + 2 * d
 
 
-def test_summarize_takes_medians_and_ratios():
-    runs = [{"workload": "w", "runner": r, "tokens_per_s": t, "samples_per_s": t / 10, "peak_memory_mb": 1.0,
-             "model_tflops_per_s": 0.0, "device": "cpu"}
-            for r, t in [("fit", 100), ("fit", 120), ("fit", 110), ("trainer", 100), ("bare", 120)]]
-    rows = {row["runner"]: row for row in bench.summarize(runs)}
-    assert rows["fit"]["tokens_per_s"] == 110 and rows["fit"]["repeats"] == 3
-    assert rows["fit"]["fit/trainer"] == pytest.approx(1.1) and rows["fit"]["fit/bare"] == pytest.approx(110 / 120)
-    assert rows["trainer"]["fit/trainer"] is None and rows["fit"]["mfu"] is None  # no MFU off CUDA
-    assert "1.100" in bench.format_table(list(rows.values()))
+def test_window_times_whole_epochs_after_warmup_and_syncs_at_both_marks():
+    syncs, now = [], [0.0]
+    window = bench.Window(steps_per_epoch=4, seconds=14, warmup_epochs=1, sync=lambda: syncs.append(1),
+                          clock=lambda: now[0])
+    stops = []
+    for step in range(1, 30):
+        now[0] = 3.0 * step  # every step takes 3 s
+        stops.append(window.step_end(step))
+    # the start mark after one pass (step 4); 14 s later falls inside the second timed pass (step 8 is only 12 s
+    # after the start), so the window runs on to the next boundary, step 12
+    assert window.start_step == 4 and window.end_step == 12 and stops.index(True) == 11
+    assert window.elapsed == 24 and len(syncs) == 2
+    assert all(stops[11:])  # stays closed
+    with pytest.raises(RuntimeError, match="before the timing window closed"):
+        _ = bench.Window(4, 10).elapsed
+
+
+def test_counting_collate_counts_real_padded_and_squared_lengths():
+    counting = bench.CountingCollate(pad_collate(0))
+    counting([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]}, {"input_ids": [4], "attention_mask": [1]}])
+    counting([{"input_ids": [5, 6], "attention_mask": [1, 1]}])
+    assert counting.counts == [(4, 6, 10), (2, 2, 4)]
+    assert counting.totals(1, 2) == (2, 2, 4) and counting.totals(0, 2) == (6, 8, 14)
+    with pytest.raises(RuntimeError, match="only 2 batches"):
+        counting.totals(0, 3)
+
+
+def runs(tokens_per_s: dict[str, list[float]], workload: str = "w") -> list[dict]:
+    return [{"workload": workload, "runner": runner, "repeat": repeat, "tokens_per_s": t, "samples_per_s": t / 10,
+             "padding": 0.1, "peak_memory_mb": 1.0, "model_tflops_per_s": 0.0, "seconds": 20.0, "device": "cpu"}
+            for runner, values in tokens_per_s.items() for repeat, t in enumerate(values)]
+
+
+def test_ratios_are_medians_of_paired_repeats():
+    # the machine slows down over the run: repeat 2 is slow for both runners. Paired ratios see fit 10% faster
+    # every time; the ratio of medians (110/200) would not.
+    summary = bench.summarize(runs({"fit": [110, 220, 330], "trainer": [100, 200, 300], "bare": [120, 200, 300]}))
+    fit_row = next(r for r in summary["runners"] if r["runner"] == "fit")
+    assert fit_row["tokens_per_s"] == 220 and (fit_row["tokens_per_s_min"], fit_row["tokens_per_s_max"]) == (110, 330)
+    ratios = {r["ratio"]: r for r in summary["ratios"]}
+    assert set(ratios) == {"fit/trainer", "fit/bare"}  # only comparisons whose runners both ran
+    assert ratios["fit/trainer"]["median"] == pytest.approx(1.1)
+    assert ratios["fit/trainer"]["paired"] == pytest.approx([1.1, 1.1, 1.1])
+    assert ratios["fit/trainer"]["verdict"] == "faster in all 3 repeats"
+    assert ratios["fit/bare"]["median"] == pytest.approx(1.1)
+    assert (ratios["fit/bare"]["min"], ratios["fit/bare"]["max"]) == pytest.approx((110 / 120, 1.1))
+    assert ratios["fit/bare"]["verdict"] == "spread too wide to call a difference"
+    table = bench.format_table(summary)
+    assert "fit/trainer" in table and "1.100" in table and "0.917-1.100" in table and "spread too wide" in table
+
+
+def test_grouped_comparisons_appear_when_their_runners_ran():
+    tps = {"fit": [10, 10, 10], "fit-grouped": [16, 15, 17], "trainer": [10, 10, 10], "trainer-grouped": [15, 15, 15]}
+    ratios = {r["ratio"]: r for r in bench.summarize(runs(tps))["ratios"]}
+    assert set(ratios) == {"fit/trainer", "fit-grouped/trainer", "fit-grouped/trainer-grouped", "fit-grouped/fit"}
+    assert ratios["fit-grouped/trainer"]["median"] == pytest.approx(1.6)
+    assert ratios["fit-grouped/trainer-grouped"]["min"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("ratios", "expected"), [
+    ([1.02, 1.05, 1.01], "faster in all 3 repeats"),
+    ([0.97, 0.92, 0.995], "slower in all 3 repeats"),
+    ([0.99, 1.01, 1.0], "level (all repeats within 5% around 1)"),
+    ([0.9, 1.2, 1.0], "spread too wide to call a difference"),
+    ([1.3, 1.4], "2 repeat(s): too few to call a difference"),
+])
+def test_verdict(ratios, expected):
+    assert bench.verdict(ratios, tolerance=0.05) == expected
+
+
+def test_verdict_tolerance_is_the_level_band():
+    assert bench.verdict([0.98, 1.03, 1.0], tolerance=0.02) == "spread too wide to call a difference"
+    assert bench.verdict([0.98, 1.03, 1.0], tolerance=0.06).startswith("level")
+
+
+def test_bad_runner_is_refused(capsys):
+    assert main(["bench", "--runners", "fit,trainr"]) == 2
+    assert "Unknown runner(s) ['trainr']" in capsys.readouterr().err
+    assert main(["bench", "--seconds", "0"]) == 2
+
+
+def test_bare_loop_runs_under_autocast_and_stops_with_the_window():
+    model = tiny_gpt()
+    dtypes = set()
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    loader = make_loader(gpt_rows(12), 4, pad_collate(0), group_by_length=True)
+    syncs = []
+    window = bench.Window(steps_per_epoch=3, seconds=0.0, sync=lambda: syncs.append(1))
+    config = TrainConfig(max_steps=bench.NOMINAL_STEPS, lr=1e-3, warmup=0.1)
+    bench.run_bare_loop(model, loader, config, window, "cpu", precision="bf16")
+    assert dtypes == {torch.bfloat16}  # forward under bf16 autocast, as fit's accelerator runs it
+    assert (window.start_step, window.end_step) == (3, 6) and len(syncs) == 2
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a cast of the weights
+
+
+def test_bare_loop_scales_the_loss_under_fp16(monkeypatch):
+    scaled = []
+    original = torch.amp.GradScaler.scale
+
+    def spy(self, outputs):
+        result = original(self, outputs)
+        scaled.append(float((result / outputs).detach()))
+        return result
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
+    window = bench.Window(steps_per_epoch=3, seconds=0.0)
+    config = TrainConfig(max_steps=bench.NOMINAL_STEPS, lr=1e-3)
+    bench.run_bare_loop(tiny_gpt(), make_loader(gpt_rows(12), 4, pad_collate(0)), config, window, "cpu", "fp16")
+    assert scaled and all(s > 1 for s in scaled)  # loss scaling on (fp32: the scaler is a no-op)
+    scaled.clear()
+    bench.run_bare_loop(tiny_gpt(), make_loader(gpt_rows(12), 4, pad_collate(0)), config,
+                        bench.Window(3, 0.0), "cpu", "no")
+    assert scaled == [1.0] * 6
+
+
+def test_fit_runner_stops_when_the_window_closes():
+    syncs = []
+    window = bench.Window(steps_per_epoch=3, seconds=0.0, warmup_epochs=2, sync=lambda: syncs.append(1))
+    config = TrainConfig(max_steps=bench.NOMINAL_STEPS, lr=1e-3, warmup=0.1, log_every=bench.NOMINAL_STEPS,
+                         progress=False)
+    counting = bench.CountingCollate(pad_collate(0))
+    bench.run_fit(tiny_gpt(), make_loader(gpt_rows(12), 4, counting), config, window)
+    assert (window.start_step, window.end_step) == (6, 9) and len(syncs) == 2
+    assert len(counting.counts) >= 9 and counting.totals(6, 9)[0] > 0
 
 
 @pytest.mark.slow
-def test_bench_runs_all_three_runners(tmp_path, capsys):
+def test_bench_runs_every_runner(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--workload", "tiny-gpt", "--steps", "2", "--warmup", "1", "--repeats", "1",
-                 "--batch-size", "4", "--json", str(out)]) == 0
+    assert main(["bench", "--workload", "tiny-gpt", "--runners", ",".join(bench.RUNNERS), "--seconds", "0.01",
+                 "--pool-batches", "2", "--repeats", "1", "--batch-size", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert {r["runner"] for r in report["runs"]} == {"fit", "trainer", "bare"}
-    assert all(r["tokens_per_s"] > 0 for r in report["runs"])
-    fit_row = next(r for r in report["summary"] if r["runner"] == "fit")
-    assert fit_row["fit/trainer"] > 0 and fit_row["fit/bare"] > 0
-    assert "fit/Trainer" in capsys.readouterr().out
+    assert [r["runner"] for r in report["runs"]] == list(bench.RUNNERS)
+    assert all(r["tokens_per_s"] > 0 and r["steps"] % 2 == 0 and r["epochs"] >= 1 for r in report["runs"])
+    assert all(r["padding"] == 0 for r in report["runs"])  # packed blocks: nothing to pad
+    ratios = {r["ratio"] for r in report["ratios"]}
+    assert {"fit/trainer", "fit/bare", "fit-grouped/trainer", "fit-grouped/trainer-grouped"} <= ratios
+    printed = capsys.readouterr().out
+    assert "paired ratios" in printed and "too few to call a difference" in printed
+
+
+def test_spawn_order_alternates_between_repeats(monkeypatch, capsys):
+    calls = []
+
+    def fake_spawn(workload, runner, args):
+        calls.append(runner)
+        return runs({runner: [100.0]}, workload)[0] | {"epochs": 1}
+
+    monkeypatch.setattr(bench, "spawn_worker", fake_spawn)
+    args = argparse.Namespace(worker=None, runners="fit,trainer,bare", workload="tiny-gpt", repeats=3, tolerance=0.05,
+                              seconds=1.0, warmup_epochs=1, pool_batches=None, batch_size=4, threads=None, seed=0,
+                              json=None)
+    assert bench.main(args) == 0
+    assert calls == list(itertools.chain(["fit", "trainer", "bare"], ["bare", "trainer", "fit"], ["fit", "trainer", "bare"]))
+    assert "level" in capsys.readouterr().out  # equal speeds in every repeat

@@ -241,7 +241,7 @@ def test_local_csv_with_string_labels(tmp_path: Path) -> None:
     rows += [(f"meeting notes part {i}", "ham") for i in range(70)]
     rows += [("meeting notes part 3", "ham")]  # a duplicate must stay in one split
     path = write_csv(tmp_path / "mails.csv", rows, "body,category")
-    dd = load_data(path, text_column="body", label_column="category")
+    dd = load_data(path, text_column="body", label_column="category", positive_label="spam")
     assert list(dd) == list(SPLITS)
     assert dd["train"].column_names == ["text", "label"]
     assert label_names(dd) == ["ham", "spam"]
@@ -253,7 +253,7 @@ def test_local_csv_with_string_labels(tmp_path: Path) -> None:
     for split in SPLITS:
         assert dd[split]["label"][:].count(1) == {"train": 24, "validation": 3, "test": 3}[split]
     check_no_leakage(dd)
-    again = load_data(str(path), text_column="body", label_column="category")
+    again = load_data(str(path), text_column="body", label_column="category", positive_label="spam")
     assert again["test"]["text"][:] == dd["test"]["text"][:]
 
 
@@ -291,7 +291,7 @@ def test_hub_dataset_gets_three_splits_and_the_schema(monkeypatch: pytest.Monkey
     monkeypatch.setattr(
         mdata.datasets, "load_dataset", lambda name: DatasetDict({"train": train, "test": test})
     )
-    dd = load_data("someone/reviews", text_column="sentence", label_column="stars")
+    dd = load_data("someone/reviews", text_column="sentence", label_column="stars", positive_label="good")
     assert [len(dd[s]) for s in SPLITS] == [80, 10, 1]
     assert dd["validation"].column_names == ["text", "label"] and label_names(dd) == ["bad", "good"]
     check_no_leakage(dd)
@@ -458,3 +458,19 @@ def test_bible_verses_follow_reference_markers(build: ModuleType) -> None:
         (1, 1, 2): "Second.",
         (1, 2, 3): "Moved verse.",
     }
+
+
+def test_positive_label_gets_id_1(tmp_path: Path) -> None:
+    rows = [(f"mail {label} {i}", label) for label in ("ham", "spam", "promo") for i in range(20)]
+    path = write_csv(tmp_path / "mails.csv", rows, "text,label")
+    three = load_data(path)  # more than two text classes: sorted, no positive class needed
+    assert label_names(three) == ["ham", "promo", "spam"]
+    assert label_names(load_data(path, positive_label="spam")) == ["ham", "spam", "promo"]
+    spam = load_data("spam")
+    assert load_data("spam", positive_label="spam")["test"]["label"][:] == spam["test"]["label"][:]
+    flipped = load_data("spam", positive_label="ham")
+    assert label_names(flipped) == ["spam", "ham"]
+    assert flipped["test"]["label"][:] == [1 - v for v in spam["test"]["label"][:]]
+    with pytest.raises(MfkitError, match="positive class is 1"):
+        load_data(write_csv(tmp_path / "ints.csv", [(f"m {i}", str(i % 2)) for i in range(40)], "text,label"),
+                  positive_label=0)

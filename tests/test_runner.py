@@ -298,7 +298,8 @@ def test_bench_left_out_when_module_missing(monkeypatch: pytest.MonkeyPatch) -> 
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
     monkeypatch.setattr(cli.importlib, "import_module", missing)
-    assert "{run,results}" in cli.build_parser().format_usage()
+    usage = cli.build_parser().format_usage()
+    assert "run,results" in usage and "bench" not in usage
 
 
 # --- small pieces ----------------------------------------------------------------------------------------------
@@ -329,3 +330,84 @@ def test_format_metrics() -> None:
     metrics = {"acc": 0.912345, "big": 123456.7, "steps": 30, "ok": True, "name": "x", "curve": [0.5, 0.3333333]}
     assert runner.format_metrics(metrics) == "acc=0.9123 big=1.235e+05 steps=30 ok=True name=x curve=[0.5, 0.3333]"
     assert runner.format_value("y" * 100).endswith("...") and len(runner.format_value("y" * 100)) == 40
+
+
+# --- parameters per notebook, folders, failures, latest run, comparison ------------------------------------------
+
+
+def test_params_go_only_to_notebooks_that_have_them(fake_papermill: list[dict[str, Any]], tmp_path: Path) -> None:
+    folder = tmp_path / "nb"
+    make_chain(folder)
+    make_notebook(folder, "06_other", RECORD.format(stem="06_other").replace("SCALE", "1"))
+    nb = nbformat.read(folder / "06_other.ipynb", as_version=4)
+    nb.cells[2].source = 'PROFILE = "cpu"\nARTIFACTS_DIR = "artifacts"\nMODEL = "minilm"\nWIDTH: int = 3'
+    nbformat.write(nb, folder / "06_other.ipynb")
+    runner.run_chain(notebooks=folder, output=tmp_path / "out", only=["1", "6"], params={"SCALE": 2, "WIDTH": 4})
+    sent = {c["input"].stem: c["parameters"] for c in fake_papermill}
+    assert sent["01_record"] == {"PROFILE": "smoke", "ARTIFACTS_DIR": sent["01_record"]["ARTIFACTS_DIR"], "SCALE": 2}
+    assert "SCALE" not in sent["06_other"] and sent["06_other"]["WIDTH"] == 4
+    with pytest.raises(MfkitError, match="no selected notebook"):
+        runner.run_chain(notebooks=folder, output=tmp_path / "out", only=["6"], params={"SCALE": 2})
+
+
+def test_parameter_names_of_a_cell() -> None:
+    assert runner.parameter_names("A = 1\nB: int = 2\nC, D = 3, 4\n# E = 5\nif True:\n    F = 6") == {"A", "B", "C", "D"}
+    assert runner.parameter_names("%matplotlib inline\nA = 1\nB=2") == {"A", "B"}  # not Python: read by lines
+
+
+def test_failed_notebook_keeps_its_partial_numbers_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def execute_notebook(input_path: Path, output_path: Path, **kwargs: Any) -> None:
+        ledger = Path(kwargs["parameters"]["ARTIFACTS_DIR"]) / "results" / f"{Path(input_path).stem}.json"
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        ledger.write_text(json.dumps({"_run": {"seed": 0}, "val_f1": 0.5}))
+        if "boom" in str(input_path):
+            tb = ["UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9",
+                  "\nThe above exception was the direct cause of the following exception:\n",
+                  "DatasetGenerationError: An error occurred while generating the dataset"]
+            raise papermill.PapermillExecutionError(4, 3, "load()", "DatasetGenerationError",
+                                                    "An error occurred while generating the dataset", tb)
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
+    out = tmp_path / "out"
+    report = runner.run_chain(notebooks=make_chain(tmp_path / "nb"), output=out, only=["1", "2"])
+    ok, failed = report.summary["notebooks"]["01_record"], report.summary["notebooks"]["02_boom"]
+    assert ok["metrics"] == {"val_f1": 0.5} and ok["run"] == {"seed": 0}  # the run record is not a metric
+    assert failed["metrics"] == {} and failed["partial_metrics"] == {"val_f1": 0.5}
+    assert "caused by UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9" in failed["error"]
+    assert not (out / "artifacts" / "results" / "02_boom.json").exists()  # no later notebook can read it
+    assert Path(failed["partial_ledger"]) == out / "artifacts" / "results" / "failed" / "02_boom.json"
+    table = runner.format_summary(report.summary)
+    row = next(line for line in table.splitlines() if line.startswith("02_boom "))
+    assert "val_f1" not in row and "NOT results" in table
+
+
+def _summary(folder: Path, f1: float, lr: float) -> Path:
+    folder.mkdir(parents=True)
+    run = {"profile": "smoke", "seed": 0, "knobs": {"lr": lr, "max_steps": 10}}
+    runner.write_summary({"profile": "smoke", "ok": True, "started": "t", "seconds": 1.0, "output_dir": str(folder),
+                          "notebooks": {"03_x": {"status": "ok", "seconds": 1.0, "metrics": {"f1": f1, "name": "a"},
+                                                 "run": run}}}, folder)
+    return folder
+
+
+def test_results_shows_the_latest_run_and_compares_two(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    older = _summary(tmp_path / "runs" / "smoke", 0.5, 1e-4)
+    newer = _summary(tmp_path / "runs" / "mine" / "b", 0.75, 3e-4)
+    os.utime(older / "summary.json", (1, 1))
+    monkeypatch.setattr(runner, "runs_dir", lambda: tmp_path / "runs")
+    code, printed = run_cli("results")
+    assert code == 0 and "f1=0.75" in printed and str(newer / "summary.json") in printed
+    code, printed = run_cli("results", "--compare", str(older), str(newer / "summary.json"))
+    assert code == 0
+    row = next(line for line in printed.splitlines() if line.strip().startswith("f1"))
+    assert row.split() == ["f1", "0.5", "0.75", "+0.25"]
+    assert "lr: 0.0001 -> 0.0003" in printed and "max_steps" not in printed
+    code, printed = run_cli("results", "--compare", "smoke", str(newer))  # a profile name means runs/<profile>
+    assert code == 0 and str(older) in printed
+
+
+def test_results_latest_without_any_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(runner, "runs_dir", lambda: tmp_path)
+    assert cli.main(["results"]) == 2
+    assert "No run summary" in capsys.readouterr().err

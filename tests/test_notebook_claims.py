@@ -1,0 +1,95 @@
+"""What the notebooks claim: they name only notebooks that exist, and their takeaways quote only this run's numbers."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from mfkit.errors import MfkitError
+from mfkit.paths import notebooks_dir
+from mfkit.report import fill
+
+NOTEBOOKS = sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+NUMBERS = {p.name[:2] for p in NOTEBOOKS}
+# "notebook 03", "notebooks 04 and 05", "notebooks 03-06", "notebooks 02, 08 or 11"
+MENTION = re.compile(r"\bnotebooks?\s+(\d{2}(?:\s*(?:,|and|or|-|–|to)\s*\d{2})*)", re.IGNORECASE)
+# What a takeaway may contain besides words: math, code, placeholders, citations with a year, notebook numbers.
+ALLOWED = [
+    re.compile(r"\$\$.*?\$\$", re.DOTALL),
+    re.compile(r"\$[^$]*\$"),
+    re.compile(r"`[^`]*`"),
+    re.compile(r"\{[A-Za-z_][\w]*(?::[^{}]*)?\}"),
+    re.compile(r"\([^()]*\b(?:19|20)\d{2}\b[^()]*\)"),  # a published reference: (Author et al., 2021: 27%)
+    MENTION,
+    re.compile(r"^\s*\d+\.\s", re.MULTILINE),  # list numbering
+    re.compile(r"\b\d{2}_[\w-]+"),  # a notebook's file name
+]
+
+
+def _prose(path: Path) -> list[str]:
+    """The Markdown cells of a notebook and the comments of its code cells."""
+    cells = nbformat.read(path, as_version=4).cells
+    texts = [c.source for c in cells if c.cell_type == "markdown"]
+    texts += [line.split("#", 1)[1] for c in cells if c.cell_type == "code" for line in c.source.splitlines() if "#" in line]
+    return texts
+
+
+def _takeaways(path: Path) -> str:
+    """The text of the notebook's Takeaways section (from a Markdown cell or an `mfkit.takeaways(...)` call)."""
+    for cell in nbformat.read(path, as_version=4).cells:
+        if "## Takeaways" not in cell.source and "takeaways(" not in cell.source:
+            continue
+        if cell.cell_type == "markdown":
+            return cell.source.split("## Takeaways", 1)[1].split("## Exercises", 1)[0]
+        for node in ast.walk(ast.parse(cell.source)):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "takeaways":
+                return ast.literal_eval(node.args[0])
+    raise AssertionError(f"{path.name} has no Takeaways section")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_prose_names_only_notebooks_that_exist(path: Path) -> None:
+    wrong = []
+    for text in _prose(path):
+        for sentence in re.split(r"(?<=[.!?])\s+|\n\|", text):
+            named = set()
+            for match in MENTION.finditer(sentence):
+                named |= set(re.findall(r"\d{2}", match.group(1)))
+            missing = named - NUMBERS
+            if missing and "planned" not in sentence.lower():
+                wrong.append(f"{sorted(missing)} in: {sentence.strip()[:120]}")
+    assert not wrong, f"{path.name} names notebooks that do not exist (mark planned ones as planned):\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_takeaways_quote_only_recorded_numbers(path: Path) -> None:
+    text = _takeaways(path)
+    for pattern in ALLOWED:
+        text = pattern.sub(" ", text)
+    typed = re.findall(r"(?<![\w.\-])\d[\d,.]*%?", text)
+    assert not typed, (
+        f"{path.name}: its takeaways type in numbers {typed}; quote recorded values with "
+        "mfkit.takeaways('... {name:.3f} ...') or cite the paper they come from (Author, year)."
+    )
+
+
+def test_fill_quotes_recorded_values_and_refuses_unrecorded_ones() -> None:
+    assert fill("F1 {f1:.3f} after {steps} steps", {"f1": 0.96251, "steps": 200}) == "F1 0.963 after 200 steps"
+    with pytest.raises(MfkitError, match=r"(?s)\['f1'\].*mfkit.record"):
+        fill("F1 {f1:.3f}", {"accuracy": 0.9})
+
+
+def test_the_checks_catch_typed_numbers_and_unknown_notebooks(tmp_path: Path) -> None:
+    """The two checks above must be able to fail: a typed-in number and a notebook 42 are caught."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("As notebook 42 shows.\n\n## Takeaways\n\n- F1 rose to 0.97.\n")]
+    bad = tmp_path / "99_bad.ipynb"
+    nbformat.write(nb, bad)
+    with pytest.raises(AssertionError, match="0.97"):
+        test_takeaways_quote_only_recorded_numbers(bad)
+    with pytest.raises(AssertionError, match="42"):
+        test_prose_names_only_notebooks_that_exist(bad)
