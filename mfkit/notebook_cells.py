@@ -115,7 +115,9 @@ def render_notebook(path: str | os.PathLike, source: str | None = None) -> tuple
         cell.source, cell.outputs, cell.execution_count = wanted, [], None
     first = next((c for c in nb.cells if c.cell_type == "markdown"), None)
     if first is None:
-        raise MfkitError(f"{path.name} has no markdown cell for its title.", "start the notebook with a title cell.")
+        raise MfkitError(
+            f"{path.name} has no markdown cell for its title.", "start the notebook with a title cell."
+        )
     first.source = _with_badge(first.source, render_badge(path.name))
     return text, nbformat.writes(nb) + "\n"
 
@@ -164,8 +166,15 @@ def copy_notebooks(target: str | os.PathLike, force: bool = False) -> list[Path]
     target = Path(target).expanduser().resolve()
     sources = numbered(notebooks_dir())
     if not sources:
-        raise MfkitError(f"No notebooks found in {notebooks_dir()}.", "reinstall the kit: pip install --force-reinstall mfkit")
-    changed = [s.name for s in sources if (target / s.name).exists() and not filecmp.cmp(s, target / s.name, shallow=False)]
+        raise MfkitError(
+            f"No notebooks found in {notebooks_dir()}.",
+            "reinstall the kit: pip install --force-reinstall mfkit",
+        )
+    changed = [
+        s.name
+        for s in sources
+        if (target / s.name).exists() and not filecmp.cmp(s, target / s.name, shallow=False)
+    ]
     if changed and not force:
         raise MfkitError(
             f"{target} already holds different copies of {', '.join(changed)}.",
@@ -183,9 +192,13 @@ def copy_notebooks(target: str | os.PathLike, force: bool = False) -> list[Path]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m mfkit.notebook_cells sync|check [DIR] [--readme FILE]`; exit 1 when `check` finds a difference."""
-    parser = argparse.ArgumentParser(prog="python -m mfkit.notebook_cells", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mfkit.notebook_cells", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("action", choices=["sync", "check"])
-    parser.add_argument("folder", nargs="?", default=None, help="the notebooks folder; default: the kit's notebooks")
+    parser.add_argument(
+        "folder", nargs="?", default=None, help="the notebooks folder; default: the kit's notebooks"
+    )
     parser.add_argument("--readme", metavar="FILE", help="check: also check this README's notebook table")
     args = parser.parse_args(argv)
     folder = Path(args.folder) if args.folder else notebooks_dir()

@@ -42,9 +42,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "03_full-finetuning": {
         "smoke": {"max_steps": 24, "batch_size": 16, "max_length": 64, "lr": 1e-4, "warmup": 0.1, "eval_every": 12,
                   "train_limit": 800, "eval_limit": 160, "val_limit": None, "patience": 3},
-        "cpu": {"max_steps": 240, "batch_size": 16, "max_length": 128, "lr": 1e-4, "warmup": 0.1, "eval_every": 60,
+        # cpu: sized so that 04 and 05, which train several models on this same budget, fit 10 minutes on 2 cores.
+        "cpu": {"max_steps": 160, "batch_size": 16, "max_length": 64, "lr": 2e-4, "warmup": 0.1, "eval_every": 40,
                 "train_limit": None, "eval_limit": None, "val_limit": 300, "patience": 3},
-        "gpu": {"max_steps": 1500, "batch_size": 32, "max_length": 256, "lr": 5e-5, "warmup": 0.1, "eval_every": 150,
+        # gpu: sized for a free Colab T4 (16 GB, fp16 autocast): about 4 epochs; notebooks 04 and 05 reuse this budget.
+        "gpu": {"max_steps": 600, "batch_size": 32, "max_length": 256, "lr": 5e-5, "warmup": 0.1, "eval_every": 100,
                 "train_limit": None, "eval_limit": None, "val_limit": None, "patience": 4},
     },
     # 04 runs on notebook 03's budget (steps, batch, length, data, seed: read from 03's card); these are its own knobs.
@@ -61,10 +63,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": {"seeds": [0], "lora_ranks": [4], "methods": ["adalora", "ia3", "prefix", "prompt"], "rank": 4,
                   "virtual_tokens": 8,
                   "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}},
-        "cpu": {"seeds": [0, 1], "lora_ranks": [4, 16], "methods": ["adalora", "ia3", "prompt"], "rank": 4,
+        "cpu": {"seeds": [0, 1], "lora_ranks": [4, 16], "methods": ["adalora", "ia3"], "rank": 4,
                 "virtual_tokens": 16,
                 "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}},
-        "gpu": {"seeds": [0, 1, 2], "lora_ranks": [2, 4, 16], "methods": ["adalora", "ia3", "prefix", "prompt"],
+        "gpu": {"seeds": [0, 1], "lora_ranks": [2, 4, 16], "methods": ["adalora", "ia3", "prefix", "prompt"],
                 "rank": 4, "virtual_tokens": 16,
                 "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}},
     },
@@ -81,8 +83,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                   "max_chars": 200, "max_context_tokens": 2048},
         "cpu": {"shots": (0, 2, 8), "draws": 2, "templates": ("spam-ham", "yes-no", "folder-a-b"),
                 "eval_limit": 100, "max_chars": 200, "max_context_tokens": 2048},
-        "gpu": {"shots": (0, 1, 2, 4, 8), "draws": 5, "templates": ("spam-ham", "yes-no", "folder-a-b"),
-                "eval_limit": None, "max_chars": 400, "max_context_tokens": 4096},
+        "gpu": {"shots": (0, 1, 2, 4, 8), "draws": 3, "templates": ("spam-ham", "yes-no", "folder-a-b"),
+                "eval_limit": 300, "max_chars": 400, "max_context_tokens": 4096},
     },
 }
 

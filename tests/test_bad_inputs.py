@@ -33,7 +33,18 @@ from mfkit.errors import MfkitError
 from mfkit.models import check_max_length, check_tokenizer_fits, load_model, load_tokenizer
 from mfkit.results import record, set_notebook
 
-NOTEBOOK = "03_full-finetuning"
+NOTEBOOK = "99_bad-inputs"
+# A profile table of our own, so the cases do not follow the real notebooks' sizes.
+TABLE = {
+    profile: {"max_steps": 10, "batch_size": 8, "lr": 1e-3, "warmup": 0.1, "cut_frac": 0.1, "lora_ranks": [2, 4],
+              "lrs": {"full": 1e-4, "lora": 1e-3}, "train_limit": 100 if profile == "smoke" else None}
+    for profile in ("smoke", "cpu", "gpu")
+}
+
+
+@pytest.fixture(autouse=True)
+def profile_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(mfkit.profiles.PROFILES, NOTEBOOK, TABLE)
 
 
 # --- bad files --------------------------------------------------------------------------------------------------
@@ -147,8 +158,8 @@ def _tiny_bert() -> Any:
     return BertModel(config)
 
 
-def _configure(tmp: Path, notebook: str = NOTEBOOK, **knobs: Any) -> Any:
-    return mfkit.configure(notebook, "smoke", artifacts_dir=tmp / "artifacts", quiet=True, **knobs)
+def _configure(tmp: Path, **knobs: Any) -> Any:
+    return mfkit.configure(NOTEBOOK, "smoke", artifacts_dir=tmp / "artifacts", quiet=True, **knobs)
 
 
 def _record(tmp: Path, name: str, value: Any) -> Any:
@@ -204,13 +215,13 @@ API_CASES: list[tuple[str, Action, list[str], list[str]]] = [
     ("limit-negative", lambda t: _configure(t, train_limit=-5), ["train_limit=-5"], ["parameters cell"]),
     ("text-column-number", lambda t: _configure(t, text_column=3), ["text_column=3", "string"], ["parameters cell"]),
     ("knob-typo", lambda t: _configure(t, maxsteps=3), ["maxsteps", "max_steps?"], ["max_steps"]),
-    ("lrs-unknown-key", lambda t: _configure(t, "05_peft-lora", lrs={"lorra": 1e-3}), ["lorra", "'lora'"],
+    ("lrs-unknown-key", lambda t: _configure(t, lrs={"lorra": 1e-3}), ["lorra", "'lora'"],
      ["parameters cell"]),
-    ("lrs-bad-value", lambda t: _configure(t, "05_peft-lora", lrs={"lora": "fast"}), ["lrs['lora']='fast'"],
+    ("lrs-bad-value", lambda t: _configure(t, lrs={"lora": "fast"}), ["lrs['lora']='fast'"],
      ["parameters cell"]),
-    ("list-knob-empty", lambda t: _configure(t, "05_peft-lora", lora_ranks=[]), ["lora_ranks=[]", "non-empty"],
+    ("list-knob-empty", lambda t: _configure(t, lora_ranks=[]), ["lora_ranks=[]", "non-empty"],
      ["parameters cell"]),
-    ("fraction-knob-above-one", lambda t: _configure(t, "04_multistep-finetuning", cut_frac=1.5),
+    ("fraction-knob-above-one", lambda t: _configure(t, cut_frac=1.5),
      ["cut_frac=1.5", "between 0 and 1"], ["parameters cell"]),
     ("several-bad-values-at-once", lambda t: _configure(t, max_steps="ten", lr=-1), ["max_steps='ten'", "lr=-1"],
      ["parameters cell"]),
@@ -267,9 +278,8 @@ def test_matrix_is_large_enough() -> None:
 def test_good_inputs_pass_the_same_checks(tmp_path: Path) -> None:
     dd = load_data(text_labels(tmp_path), text_column="body", label_column="category", positive_label="ham")
     assert dd["train"].features["label"].names == ["spam", "ham"]  # the positive class has id 1
-    cfg = _configure(tmp_path, "05_peft-lora", lrs={"lora": 5e-4}, train_limit="all", eval_limit=0, seed=7)
-    assert cfg.lrs["lora"] == 5e-4 and cfg.lrs["full"] == mfkit.profiles.PROFILES["05_peft-lora"]["smoke"]["lrs"]["full"]
-    assert cfg.train_limit is None and cfg.eval_limit is None
+    cfg = _configure(tmp_path, lrs={"lora": 5e-4}, train_limit="all", seed=7, max_steps=3.0, warmup=0)
+    assert cfg.lrs == {"full": 1e-4, "lora": 5e-4} and cfg.train_limit is None and cfg.max_steps == 3
     check_max_length("minilm", 512)
     check_tokenizer_fits(load_model("minilm"), load_tokenizer("minilm"))
 
@@ -301,12 +311,13 @@ mfkit.record("train_rows", len(raw["train"]))"""
 
 
 def tiny_notebook(folder: Path) -> Path:
-    """A throwaway `03_full-finetuning.ipynb`: configure, record, load the data, then stand in for training."""
+    """A throwaway notebook: its own profile table, configure, record, load the data, then stand in for training."""
     folder.mkdir(parents=True, exist_ok=True)
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell(PARAMETERS)
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_code_cell("import pathlib\n\nimport mfkit"), params, nbformat.v4.new_code_cell(BODY)]
+    setup = f"import pathlib\n\nimport mfkit\n\nmfkit.profiles.PROFILES[{NOTEBOOK!r}] = {TABLE!r}"
+    nb.cells = [nbformat.v4.new_code_cell(setup), params, nbformat.v4.new_code_cell(BODY)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, folder / f"{NOTEBOOK}.ipynb")
     return folder

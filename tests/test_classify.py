@@ -18,6 +18,7 @@ from mfkit.classify import (
     evaluate_classifier,
     label_maps,
     limit_rows,
+    predict,
     stratified_take,
     tfidf_baseline,
     tokenize_for_classification,
@@ -226,3 +227,34 @@ def test_tfidf_baseline_on_tiny_data(dsdict):
     with pytest.raises(MfkitError, match="single class"):
         tfidf_baseline(one_class, min_df=1)
     assert np.isfinite(scores["seconds"])
+
+
+class TwoRanks:
+    """Stands in for an Accelerator of 2 processes whose other rank scored the same rows: gathering doubles them."""
+
+    num_processes = 2
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def gather_for_metrics(self, rows: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.cat([rows, rows])
+
+
+def test_evaluation_inside_fit_gathers_every_process_rows():
+    """fit runs eval_fn inside `gathering_with(accelerator)`: predictions and scores cover every process's shard."""
+    from mfkit.loaders import make_loader, pad_collate
+    from mfkit.metrics import gathering_with
+
+    rows = Dataset.from_dict({"input_ids": [[9, p] for p in (1, 0, 0)], "labels": [1, 0, 1]})
+    loader = make_loader(rows, batch_size=2, collate_fn=pad_collate(0), shuffle=False)
+    ranks = TwoRanks()
+    with gathering_with(ranks):
+        gathered = predict(FixedLogits(), loader)
+        metrics = evaluate_classifier(FixedLogits(), loader)
+    assert ranks.calls == 2 * 2 * 2  # logits and labels, 2 batches, in both calls
+    assert gathered.labels.tolist() == [1, 0, 1, 0, 1, 1]
+    assert metrics == pytest.approx(evaluate_classifier(FixedLogits(), loader))  # duplicated rows: same means
+    assert len(predict(FixedLogits(), loader).labels) == 3  # outside the block: this process's rows only

@@ -14,7 +14,15 @@ from mfkit.errors import MfkitError
 from mfkit.models import load_model, model_path
 from mfkit.optim import lr_multiplier, parameter_groups, warmup_steps_of
 from mfkit.paths import atomic_folder, atomic_path, require_artifact
-from mfkit.results import RUN_KEY, clear_results, load_all_results, load_results, load_run, record, set_notebook
+from mfkit.results import (
+    RUN_KEY,
+    clear_results,
+    load_all_results,
+    load_results,
+    load_run,
+    record,
+    set_notebook,
+)
 
 
 def test_record_writes_json_and_converts_tensors(tmp_path):
@@ -134,19 +142,33 @@ def test_tiny_gpt_missing_names_notebook_02(tmp_path):
         model_path("tiny-gpt", tmp_path)
 
 
-def test_configure_records_what_produced_the_numbers(tmp_path):
-    cfg = mfkit.configure("05_peft-lora", "smoke", artifacts_dir=tmp_path, quiet=True, seed=3, lrs={"lora": 5e-4},
+TEST_TABLE = {
+    p: {"max_steps": 10, "lr": 1e-3, "train_limit": 100 if p == "smoke" else None, "lrs": {"full": 1e-4, "lora": 1e-3}}
+    for p in mfkit.profiles.PROFILE_NAMES
+}
+
+
+@pytest.fixture
+def test_table(monkeypatch):
+    """A notebook of our own in the profile table, so these tests do not follow the real notebooks' sizes."""
+    monkeypatch.setitem(mfkit.profiles.PROFILES, "99_test", TEST_TABLE)
+    return "99_test"
+
+
+def test_configure_records_what_produced_the_numbers(tmp_path, test_table):
+    cfg = mfkit.configure(test_table, "smoke", artifacts_dir=tmp_path, quiet=True, seed=3, lrs={"lora": 5e-4},
                           train_limit="all")
     record("f1", 0.5)
-    run = load_run("05_peft-lora", tmp_path)
+    run = load_run(test_table, tmp_path)
     assert run["profile"] == "smoke" and run["seed"] == 3 and run["overrides"] == ["lrs", "train_limit"]
-    assert run["knobs"]["lrs"]["lora"] == 5e-4 and run["knobs"]["max_steps"] == cfg.max_steps
+    assert run["knobs"]["lrs"] == {"full": 1e-4, "lora": 5e-4} and run["knobs"]["max_steps"] == cfg.max_steps == 10
     assert run["knobs"]["train_limit"] is None and run["knobs"]["artifacts_dir"] == str(tmp_path)
     assert set(run["versions"]) == {"python", "torch", "transformers", "mfkit"}
-    assert load_results("05_peft-lora", tmp_path) == {"f1": 0.5}  # readers of numbers never see the run record
-    assert load_all_results(tmp_path) == {"05_peft-lora": {"f1": 0.5}}
-    raw = json.loads((tmp_path / "results" / "05_peft-lora.json").read_text())
+    assert load_results(test_table, tmp_path) == {"f1": 0.5}  # readers of numbers never see the run record
+    assert load_all_results(tmp_path) == {test_table: {"f1": 0.5}}
+    raw = json.loads((tmp_path / "results" / f"{test_table}.json").read_text())
     assert set(raw) == {RUN_KEY, "f1"}
+    assert TEST_TABLE["smoke"]["lrs"] == {"full": 1e-4, "lora": 1e-3}  # the table itself is left alone
 
 
 def test_record_refuses_infinity_and_writes_strict_json(tmp_path):
@@ -157,10 +179,9 @@ def test_record_refuses_infinity_and_writes_strict_json(tmp_path):
     assert json.loads((tmp_path / "results" / "99_test.json").read_text(), parse_constant=pytest.fail) == {"x": [1.0, 2]}
 
 
-def test_a_profile_limit_can_be_set_back_to_all(tmp_path):
-    smoke = mfkit.profiles.PROFILES["03_full-finetuning"]["smoke"]
-    assert smoke["train_limit"] is not None
+def test_a_profile_limit_can_be_set_back_to_all(tmp_path, test_table):
     for value in ("all", "ALL", 0):
-        cfg = mfkit.configure("03_full-finetuning", "smoke", artifacts_dir=tmp_path, quiet=True, train_limit=value)
+        cfg = mfkit.configure(test_table, "smoke", artifacts_dir=tmp_path, quiet=True, train_limit=value)
         assert cfg.train_limit is None
-    assert mfkit.configure("03_full-finetuning", "smoke", artifacts_dir=tmp_path, quiet=True, train_limit=5).train_limit == 5
+    assert mfkit.configure(test_table, "smoke", artifacts_dir=tmp_path, quiet=True).train_limit == 100
+    assert mfkit.configure(test_table, "cpu", artifacts_dir=tmp_path, quiet=True, train_limit=5).train_limit == 5

@@ -96,3 +96,15 @@ def test_gradual_unfreezing_trains_only_unfrozen_groups():
     assert changed == set(groups[-1].parameter_names) | set(groups[-2].parameter_names)
     assert seen[0] < seen[-1]
     assert unfreeze.timeline == [(0, 1), (3, 2)]
+
+
+def test_gradual_unfreezing_refuses_several_processes():
+    """Under DDP, layers frozen when the model was wrapped would never be synchronized after unfreezing."""
+    model = tiny_bert()
+    unfreezing = GradualUnfreezing(layer_groups(model), head_steps=1, every=1)
+    state = type("State", (), {"accelerator": type("Accelerator", (), {"num_processes": 2})(), "model": model})()
+    with pytest.raises(MfkitError, match="2 processes") as err:
+        unfreezing.on_train_begin(state)
+    assert "one process" in str(err.value)
+    state.accelerator.num_processes = 1
+    unfreezing.on_train_begin(state)  # one process: fine

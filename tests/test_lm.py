@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from mfkit.env import seed_everything
 from mfkit.errors import MfkitError
 from mfkit.lm import (
+    block_collate,
     build_tiny_gpt,
     compare_with_unigram,
     generate_samples,
@@ -150,3 +151,14 @@ def test_run_folder_depends_on_knobs_and_tokenizer(tokenizer, tmp_path):
     assert run_folder(dict(knobs), tmp_path, tokenizer) == folder  # a rerun resumes
     assert run_folder({**knobs, "lr": 2e-3}, tmp_path, tokenizer) != folder
     assert run_folder(knobs, tmp_path) != folder  # the tokenizer is part of the run
+
+
+def test_block_collate_adds_no_attention_mask_and_the_loss_is_unchanged(tokenizer):
+    """Packed blocks have no padding: no mask (an all-ones mask costs a host sync per forward on a GPU)."""
+    blocks = pack_blocks(["one two three four five six seven eight nine ten"] * 8, tokenizer, 8)
+    batch = block_collate([blocks[i] for i in range(4)])
+    assert set(batch) == {"input_ids", "labels"}
+    model = small_model(tokenizer).eval()
+    with torch.no_grad():
+        masked = model(**batch, attention_mask=torch.ones_like(batch["input_ids"])).loss
+        torch.testing.assert_close(model(**batch).loss, masked)

@@ -27,7 +27,7 @@ from mfkit.paths import REPO_DIR, notebooks_dir
 TORCH = "torch==2.13.0"  # the build already in a Colab-like runtime; pip finds the CPU wheel in its cache/index
 JUPYTER = ("ipykernel", "papermill", "nbclient")
 # Notebooks the Colab simulation runs: they need the shipped data, MiniLM, SmolLM2 (GGUF -> gguf) and sacrebleu.
-COLAB_NOTEBOOKS = ("03_full-finetuning", "05_peft-lora", "06_instruction-tuning")
+COLAB_NOTEBOOKS = ("03_full-finetuning", "06_instruction-tuning")  # data + MiniLM; SmolLM2 + sacrebleu
 PYPROJECT = project_table() or pytest.skip("reading pyproject.toml needs Python 3.11 (tomllib)", allow_module_level=True)
 
 

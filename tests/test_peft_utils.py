@@ -13,16 +13,20 @@ from mfkit.peft_utils import (
     METHODS,
     AdaLoraBudget,
     adalora_ranks,
+    bnb_4bit_config,
     build_peft_model,
     default_targets,
+    dtype_of_precision,
+    kbit_device_map,
     merge_check,
     model_family,
     parameter_report,
+    prepare_kbit_model,
     qlora_support,
     saved_size,
     training_state_bytes,
 )
-from mfkit.training import TrainConfig, fit
+from mfkit.training import TrainConfig, fit, make_accelerator
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -169,3 +173,75 @@ def test_qlora_support_explains_itself():
         assert not ok and "CUDA" in reason
     else:
         assert ok or "bitsandbytes" in reason
+
+
+def adalora_rows() -> list[dict]:
+    return [{"input_ids": b.tolist(), "attention_mask": [1] * len(b), "labels": int(i % 2)}
+            for i, b in enumerate(torch.randint(1, 40, (32, 8), generator=torch.Generator().manual_seed(0)))]
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, None])
+def test_adalora_budget_skips_overflow_steps_under_loss_scaling(grad_clip):
+    """fp16's GradScaler, here on the CPU, with a loss x scale that overflows for the first steps (until the scale has
+    backed off): the fused AdamW step still runs (and skips the update itself), so the hook sees infinite
+    gradients; they must not reach the importance scores (AdaLoRA's E starts at zero: 0 x inf = nan for good)."""
+    steps = 12  # of a schedule of 100: the scores are still there at the end (the final allocation clears them)
+    model = build_peft_model(tiny_bert(), "adalora", r=2, total_steps=100, tinit=2, tfinal=10, deltaT=1)
+    config = TrainConfig(max_steps=steps, lr=1e-2, progress=False, grad_clip=grad_clip)
+    accelerator = make_accelerator(config)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+    budget = AdaLoraBudget()
+    fit(model, make_loader(adalora_rows(), 8, pad_collate(0), seed=0), config, callbacks=[budget], accelerator=accelerator,
+        loss_fn=lambda m, batch: 4 * m(**batch).loss)  # 4 x 0.7 x 2^127 overflows float32; the loss does not
+    assert budget.skipped_steps[:2] == [0, 1] and len(budget.skipped_steps) < steps - 5  # skipped, then scored
+    assert accelerator.scaler.get_scale() < 2.0**127
+    allocator = model.base_model.rankallocator
+    assert allocator.ipt and all(torch.isfinite(v).all() for v in allocator.exp_avg_ipt.values())
+    assert all(torch.isfinite(v).all() for v in allocator.exp_avg_unc.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_adalora_hook_unscales_gradients_that_the_fused_step_received_scaled():
+    model = build_peft_model(tiny_bert(), "adalora", r=2, total_steps=10, tinit=2, tfinal=4, deltaT=1)
+    budget = AdaLoraBudget()
+    budget._model = model
+    budget._state = type("State", (), {"step": 0})()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = torch.full_like(p, 1024.0)
+    optimizer = type("Optimizer", (), {"grad_scale": torch.tensor(1024.0)})()
+    budget.allocate(optimizer)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in trainable)
+    assert not budget.skipped_steps
+
+
+def test_kbit_device_map_uses_this_process_gpu(monkeypatch):
+    assert kbit_device_map() == {"": "cpu"}  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+    class Rank1:
+        local_process_index = 1
+
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda: Rank1())
+    assert kbit_device_map() == {"": 1}  # the second process's own GPU, not cuda:0
+
+
+def test_4bit_compute_dtype_follows_the_kits_precision_choice(monkeypatch):
+    """On a T4, torch.cuda.is_bf16_supported() says True through emulation; the kit picks fp16 there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert bnb_4bit_config().bnb_4bit_compute_dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and newer
+    assert bnb_4bit_config().bnb_4bit_compute_dtype == torch.bfloat16
+    assert dtype_of_precision("no") == torch.float32
+    with pytest.raises(MfkitError, match="precision"):
+        dtype_of_precision("fp8")
+
+
+def test_prepare_kbit_model_leaves_gradient_checkpointing_off():
+    model = prepare_kbit_model(tiny_llama())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())  # the base is frozen, adapters come next

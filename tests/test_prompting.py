@@ -67,3 +67,29 @@ def test_bad_inputs(lm):
         continuation_logprobs(model, tokenizer, [], ["spam"])
     with pytest.raises(MfkitError, match="no chat template"):
         chat_prompt(tokenizer, "hello")
+
+
+def previous_implementation(model, tokenizer, contexts, continuations) -> np.ndarray:
+    """The computation before positions were selected: one float32 log-softmax over the whole padded batch."""
+    ctx = [tokenizer(c)["input_ids"] for c in contexts]
+    cont = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in continuations]
+    pairs = [(i, j) for i in range(len(ctx)) for j in range(len(cont))]
+    seqs = [ctx[i] + cont[j] for i, j in pairs]
+    longest = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (longest - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in seqs])
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    scores = np.zeros((len(ctx), len(cont)))
+    for row, (i, j) in enumerate(pairs):
+        positions = torch.arange(len(ctx[i]) - 1, len(ctx[i]) - 1 + len(cont[j]))
+        scores[i, j] = logprobs[row, positions, torch.tensor(cont[j])].sum().item()
+    return scores
+
+
+def test_selecting_positions_first_gives_the_previous_scores(lm):
+    model, tokenizer = lm
+    contexts = ["the mail is", "free money free money the mail is", "noon"]
+    for labels in (["very much spam", "ham"], ["spam", "ham"]):  # the general path and the one-token fast path
+        scores = continuation_logprobs(model, tokenizer, contexts, labels, batch_size=len(contexts) * len(labels))
+        np.testing.assert_allclose(scores, previous_implementation(model, tokenizer, contexts, labels), rtol=1e-6, atol=1e-6)

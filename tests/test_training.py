@@ -302,12 +302,13 @@ def test_resume_from_a_checkpoint_without_fingerprint_is_refused(tmp_path):
 
 
 def test_resumed_history_equals_uninterrupted_when_logging_and_checkpoints_do_not_align(tmp_path):
-    """log_every=3 does not divide checkpoint_every=10: the partial logging window travels in the checkpoint."""
-    _, reference = train(40, callbacks=[Crash(None)], log_every=3)
+    """log_every=3 does not divide checkpoint_every=8: the partial logging window travels in the checkpoint."""
+    _, reference = train(24, callbacks=[Crash(None)], log_every=3)
     with pytest.raises(KeyboardInterrupt):
-        train(40, callbacks=[Crash(25)], log_every=3, checkpoint_dir=tmp_path, checkpoint_every=10)
-    _, resumed = train(40, callbacks=[Crash(None)], log_every=3, checkpoint_dir=tmp_path, checkpoint_every=10)
-    assert resumed.resumed_from == 20
+        train(24, callbacks=[Crash(13)], log_every=3, checkpoint_dir=tmp_path, checkpoint_every=8)
+    assert load_checkpoint(tmp_path / "last.pt")["ranks"][0]["window"]["steps"] == 2  # steps 7 and 8, not yet logged
+    _, resumed = train(24, callbacks=[Crash(None)], log_every=3, checkpoint_dir=tmp_path, checkpoint_every=8)
+    assert resumed.resumed_from == 8
     keys = ("step", "loss", "lr", "lrs")
     assert [{k: r[k] for k in keys} for r in resumed.train] == [{k: r[k] for k in keys} for r in reference.train]
     assert (resumed.tokens, resumed.samples, resumed.steps) == (reference.tokens, reference.samples, reference.steps)
