@@ -7,6 +7,7 @@ checkpoint of another configuration: `check_fingerprint` names what differs inst
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Mapping
@@ -17,9 +18,21 @@ import numpy as np
 import torch
 
 from .errors import MfkitError
-from .paths import atomic_path
+from .paths import artifacts_dir, atomic_path
 
 CHECKPOINT_NAME = "last.pt"
+
+
+def run_folder(group: str, knobs: Mapping[str, Any], artifacts: str | Path | None = None, extra: str = "") -> Path:
+    """`ARTIFACTS_DIR/checkpoints/<group>/<hash>`: where one training run keeps its checkpoint.
+
+    The hash covers `knobs` (sizes, steps, learning rate, seed...) and `extra` (e.g. a tokenizer's vocabulary):
+    a rerun with the same settings resumes, a run with other settings starts afresh in its own folder instead of
+    being refused by the checkpoint of another configuration.
+    """
+    plain = {k: v for k, v in knobs.items() if k != "artifacts_dir"}
+    digest = hashlib.sha256((json.dumps(plain, sort_keys=True, default=str) + extra).encode()).hexdigest()[:12]
+    return artifacts_dir(artifacts) / "checkpoints" / group / digest
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,7 +9,6 @@ shifts them itself (position t is scored on token t+1).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from . import checkpoint
 from .errors import MfkitError, check_positive
 from .loaders import make_loader
 from .metrics import UnigramLM, token_nll
@@ -179,19 +179,13 @@ def lm_loaders(
 
 
 def run_folder(knobs: Mapping[str, Any], artifacts: str | Path | None = None, tokenizer: Any = None) -> Path:
-    """`ARTIFACTS_DIR/checkpoints/02/<hash>`: where a training run keeps its checkpoint.
-
-    The hash covers `knobs` (sizes, steps, learning rate, seed...) and, when given, the tokenizer's vocabulary
-    and merges: a rerun with the same settings resumes, a run with other settings (or a retrained tokenizer)
-    starts afresh instead of loading weights that do not fit.
-    """
-    plain = {k: v for k, v in knobs.items() if k != "artifacts_dir"}
-    text = json.dumps(plain, sort_keys=True, default=str)
+    """`ARTIFACTS_DIR/checkpoints/02/<hash>` (`checkpoint.run_folder`): the hash covers `knobs` and, when given,
+    the tokenizer's vocabulary and merges, so a retrained tokenizer starts afresh too."""
+    extra = ""
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        text += backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return artifacts_dir(artifacts) / "checkpoints" / CHECKPOINT_GROUP / digest
+        extra = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return checkpoint.run_folder(CHECKPOINT_GROUP, knobs, artifacts, extra)
 
 
 # --------------------------------------------------------------------------------------------------------------

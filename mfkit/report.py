@@ -12,16 +12,7 @@ import string
 from typing import Any
 
 from .errors import MfkitError
-from .results import load_results
-from .results import _current as _current_ledger
-
-
-def current_results() -> dict[str, Any]:
-    """The numbers the running notebook has recorded so far (its ledger)."""
-    notebook = _current_ledger["notebook"]
-    if notebook is None:
-        raise MfkitError("No notebook is running, so there is no ledger to quote.", "call mfkit.configure(...) first.")
-    return load_results(notebook, _current_ledger["artifacts_dir"])
+from .results import current_results
 
 
 def fill(text: str, values: dict[str, Any]) -> str:

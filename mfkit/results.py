@@ -106,6 +106,11 @@ def load_results(notebook: str, artifacts: str | Path | None = None) -> dict[str
     return {k: v for k, v in ledger.items() if k != RUN_KEY} if isinstance(ledger, dict) else ledger
 
 
+def current_results() -> dict[str, Any]:
+    """The numbers the running notebook (the one `configure` started) has recorded so far."""
+    return load_results(_notebook(None), _current["artifacts_dir"])
+
+
 def load_run(notebook: str, artifacts: str | Path | None = None) -> dict[str, Any]:
     """What produced a notebook's numbers: its knobs, profile, seed and versions ({} when not recorded)."""
     ledger = _read_ledger(ledger_path(notebook, artifacts))

@@ -55,3 +55,13 @@ def test_recorded_numbers_match_baselines(smoke_run):
             if not ok:
                 mismatches.append(f"{notebook}.{name}: {recorded[name]!r}, baseline {expected!r} ({check})")
     assert not mismatches, "\n".join(mismatches)
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("stem", ["04_multistep-finetuning", "05_peft-lora"])
+def test_a_notebook_that_starts_from_03_names_it_when_run_alone(tmp_path, stem):
+    """With an empty artifacts folder, 04 and 05 stop at once and say to run notebook 03 first."""
+    code = main(["run", "--profile", "smoke", "--only", stem[:2], "--output", str(tmp_path)])
+    outcome = json.loads((tmp_path / "summary.json").read_text())["notebooks"][stem]
+    assert code == 1 and outcome["status"] == "failed"
+    assert "03_full-finetuning" in outcome["error"] and "run" in outcome["error"]
