@@ -210,10 +210,13 @@ def classification_loaders(
     batch_size: int,
     seed: int = 0,
     eval_batch_size: int | None = None,
+    group_by_length: bool = False,
 ) -> Loaders:
     """Train (shuffled, reproducible order), validation and test (in order) loaders with dynamic padding.
 
-    Evaluation needs no gradients, so `eval_batch_size` defaults to twice `batch_size`.
+    Evaluation needs no gradients, so `eval_batch_size` defaults to twice `batch_size`. `group_by_length=True`
+    batches training mails of similar length (less padding where lengths vary; see `loaders.make_loader`); the
+    evaluation loaders keep their order.
     """
     _check_splits(tokenized)
     pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -225,7 +228,7 @@ def classification_loaders(
     collate = pad_collate(pad_id)
     eval_size = eval_batch_size or 2 * batch_size
     return Loaders(
-        train=make_loader(tokenized["train"], batch_size, collate, shuffle=True, seed=seed),
+        train=make_loader(tokenized["train"], batch_size, collate, shuffle=True, seed=seed, group_by_length=group_by_length),
         validation=make_loader(tokenized["validation"], eval_size, collate, shuffle=False, seed=seed),
         test=make_loader(tokenized["test"], eval_size, collate, shuffle=False, seed=seed),
     )

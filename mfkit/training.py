@@ -356,6 +356,24 @@ def tf32_matmuls(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+@contextlib.contextmanager
+def no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Switch off a decoder's KV cache inside the block (training never reuses it) and put the setting back.
+
+    With `use_cache` on, every training forward of a decoder builds and keeps a cache of each layer's keys and
+    values that no later step reads; `generate` after training wants it on again.
+    """
+    config = getattr(model, "config", None)
+    saved = getattr(config, "use_cache", None)
+    if saved is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if saved is not None:
+            config.use_cache = saved
+
+
 def bare_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """The caller's module inside accelerate's wrappers (DDP, torch.compile): its state_dict keys carry no
     `module.` or `_orig_mod.` prefix, so a checkpoint of it loads with or without compiling."""
@@ -494,7 +512,7 @@ def fit(
     )
     prepared = accelerator.prepare(model, optimizer, train_loader)
     try:
-        with tf32_matmuls(accelerator.device.type == "cuda"):
+        with tf32_matmuls(accelerator.device.type == "cuda"), no_kv_cache(model):
             return _train(prepared, scheduler, config, eval_loader, loss_fn, eval_fn, callbacks, accelerator, fingerprint)
     finally:
         release_model(accelerator, prepared[0])

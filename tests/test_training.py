@@ -431,3 +431,16 @@ def test_read_scalars_says_when_there_is_nothing(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
     with pytest.raises(MfkitError, match="No TensorBoard scalars"):
         read_scalars(tmp_path)
+
+
+def test_training_runs_without_the_kv_cache_and_puts_the_setting_back():
+    """Training never reads a decoder's KV cache: fit switches it off while it trains and restores it after."""
+    seen = []
+
+    class Watch(Callback):
+        def on_step_begin(self, state) -> None:
+            seen.append(bare_model(state.accelerator, state.model).config.use_cache)
+
+    model, _ = train(3, callbacks=[Watch()])
+    assert seen == [False, False, False]
+    assert model.config.use_cache is True
