@@ -22,8 +22,14 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """Import the heavier modules (transformers, datasets) only when a notebook first asks for them."""
     lazy = {
-        "fit": "training", "TrainConfig": "training", "Callback": "training", "History": "training",
-        "load_data": "data", "load_model": "models", "load_tokenizer": "models", "make_loader": "loaders",
+        "fit": "training",
+        "TrainConfig": "training",
+        "Callback": "training",
+        "History": "training",
+        "load_data": "data",
+        "load_model": "models",
+        "load_tokenizer": "models",
+        "make_loader": "loaders",
         "takeaways": "report",
     }
     if name in lazy:

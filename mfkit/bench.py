@@ -49,18 +49,33 @@ from typing import Any
 
 RUNNERS = ("fit", "fit-grouped", "trainer", "trainer-grouped", "bare")
 WORKLOADS = ("tiny-gpt", "minilm", "minilm-512")
-DEFAULT_RUNNERS = {"tiny-gpt": ("fit", "trainer", "bare"), "minilm": ("fit", "trainer", "bare"), "minilm-512": RUNNERS}
+DEFAULT_RUNNERS = {
+    "tiny-gpt": ("fit", "trainer", "bare"),
+    "minilm": ("fit", "trainer", "bare"),
+    "minilm-512": RUNNERS,
+}
 # Batches per pass over the pool: enough rows for length grouping to find neighbours, few enough that one pass
 # (the warm-up) is short; at batch 16 a pass takes seconds (tiny-gpt) to about half a minute (minilm-512, 2 cores).
 POOL_BATCHES = {"tiny-gpt": 16, "minilm": 8, "minilm-512": 8}
 # (numerator, denominator) of the ratios reported, when both runners ran.
 COMPARISONS = (
-    ("fit", "trainer"), ("fit", "bare"), ("fit-grouped", "trainer"), ("fit-grouped", "trainer-grouped"),
+    ("fit", "trainer"),
+    ("fit", "bare"),
+    ("fit-grouped", "trainer"),
+    ("fit-grouped", "trainer-grouped"),
     ("fit-grouped", "fit"),
 )
 NOMINAL_STEPS = 100_000  # the schedule's length; the timing window ends every run long before
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for model FLOPs utilisation.
-PEAK_TFLOPS = {"T4": 65.0, "V100": 125.0, "A10G": 125.0, "L4": 121.0, "A100": 312.0, "L40S": 362.0, "H100": 989.0}
+PEAK_TFLOPS = {
+    "T4": 65.0,
+    "V100": 125.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "H100": 989.0,
+}
 
 
 @dataclass
@@ -105,10 +120,17 @@ def spam_workload(n_rows: int, max_length: int) -> Workload:
     encoded = tokenizer(list(train["text"]), truncation=True, max_length=max_length)
     rows = [
         {"input_ids": ids, "attention_mask": mask, "labels": label}
-        for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], list(train["label"]), strict=True)
+        for ids, mask, label in zip(
+            encoded["input_ids"], encoded["attention_mask"], list(train["label"]), strict=True
+        )
     ]
-    return Workload(lambda: load_model("minilm", "sequence-classification", num_labels=2),
-                    rows, pad_collate(tokenizer.pad_token_id), 6, 384)
+    return Workload(
+        lambda: load_model("minilm", "sequence-classification", num_labels=2),
+        rows,
+        pad_collate(tokenizer.pad_token_id),
+        6,
+        384,
+    )
 
 
 def make_workload(name: str, n_rows: int) -> Workload:
@@ -128,14 +150,20 @@ class CountingCollate:
     def __call__(self, rows):
         batch = self.collate(rows)
         mask = batch.get("attention_mask")
-        lengths = mask.sum(dim=1) if mask is not None else batch["input_ids"].new_full((len(rows),), batch["input_ids"].shape[1])
+        lengths = (
+            mask.sum(dim=1)
+            if mask is not None
+            else batch["input_ids"].new_full((len(rows),), batch["input_ids"].shape[1])
+        )
         self.counts.append((int(lengths.sum()), batch["input_ids"].numel(), int((lengths**2).sum())))
         return batch
 
     def totals(self, first: int, last: int) -> tuple[int, int, int]:
         """(real tokens, padded tokens, sum of squared lengths) over batches first..last-1."""
         if len(self.counts) < last:
-            raise RuntimeError(f"only {len(self.counts)} batches were built, fewer than the {last} steps timed")
+            raise RuntimeError(
+                f"only {len(self.counts)} batches were built, fewer than the {last} steps timed"
+            )
         return tuple(sum(c[k] for c in self.counts[first:last]) for k in range(3))  # type: ignore[return-value]
 
 
@@ -144,8 +172,14 @@ class Window:
     `seconds` have elapsed. `step_end(step)` is called after every optimizer step and says when to stop; `sync`
     (torch.cuda.synchronize on CUDA) runs at both marks so queued device work is inside the window."""
 
-    def __init__(self, steps_per_epoch: int, seconds: float, warmup_epochs: int = 1,
-                 sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        steps_per_epoch: int,
+        seconds: float,
+        warmup_epochs: int = 1,
+        sync: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.steps_per_epoch, self.seconds, self.warmup_epochs = steps_per_epoch, seconds, warmup_epochs
         self.sync, self.clock = sync or (lambda: None), clock
         self.start: float | None = None
@@ -174,8 +208,16 @@ class Window:
         return self.end - self.start
 
 
-def run_worker(workload: str, runner: str, batch_size: int, seconds: float, warmup_epochs: int,
-               pool_batches: int, threads: int | None, seed: int) -> dict:
+def run_worker(
+    workload: str,
+    runner: str,
+    batch_size: int,
+    seconds: float,
+    warmup_epochs: int,
+    pool_batches: int,
+    threads: int | None,
+    seed: int,
+) -> dict:
     """Train one runner on one workload; return throughput over the timed window and the process peak memory."""
     import torch
 
@@ -188,13 +230,19 @@ def run_worker(workload: str, runner: str, batch_size: int, seconds: float, warm
         torch.set_num_threads(threads)
     work = make_workload(workload, batch_size * pool_batches)
     if len(work.rows) < batch_size * pool_batches:
-        raise RuntimeError(f"{workload} has {len(work.rows)} rows, fewer than {pool_batches} batches of {batch_size}")
+        raise RuntimeError(
+            f"{workload} has {len(work.rows)} rows, fewer than {pool_batches} batches of {batch_size}"
+        )
     seed_everything(seed)
     model = work.make_model()
     counting = CountingCollate(work.collate)
-    config = TrainConfig(max_steps=NOMINAL_STEPS, lr=1e-4, warmup=0.1, log_every=NOMINAL_STEPS, progress=False)
+    config = TrainConfig(
+        max_steps=NOMINAL_STEPS, lr=1e-4, warmup=0.1, log_every=NOMINAL_STEPS, progress=False
+    )
     # the marks wait for the device the model trains on (the runner has moved it there by the first mark)
-    window = Window(pool_batches, seconds, warmup_epochs, lambda: synchronize(next(model.parameters()).device))
+    window = Window(
+        pool_batches, seconds, warmup_epochs, lambda: synchronize(next(model.parameters()).device)
+    )
     kind, grouped = runner.removesuffix("-grouped"), runner.endswith("-grouped")
     if kind == "trainer":
         run_trainer(model, work.rows, counting, batch_size, config, seed, window, grouped)
@@ -212,11 +260,20 @@ def run_worker(workload: str, runner: str, batch_size: int, seconds: float, warm
     flops = 6 * matmul_parameters(model) * tokens + 12 * work.n_layer * work.d_model * squares
     memory, memory_kind = peak_memory(device)
     return {
-        "workload": workload, "runner": runner, "seconds": seconds_timed, "steps": steps,
-        "epochs": steps // pool_batches, "tokens": tokens, "padding": 1 - tokens / padded,
-        "tokens_per_s": tokens / seconds_timed, "samples_per_s": steps * batch_size / seconds_timed,
-        "peak_memory_mb": memory, "memory_kind": memory_kind, "model_tflops_per_s": flops / seconds_timed / 1e12,
-        "device": str(device), "threads": torch.get_num_threads(),
+        "workload": workload,
+        "runner": runner,
+        "seconds": seconds_timed,
+        "steps": steps,
+        "epochs": steps // pool_batches,
+        "tokens": tokens,
+        "padding": 1 - tokens / padded,
+        "tokens_per_s": tokens / seconds_timed,
+        "samples_per_s": steps * batch_size / seconds_timed,
+        "peak_memory_mb": memory,
+        "memory_kind": memory_kind,
+        "model_tflops_per_s": flops / seconds_timed / 1e12,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -252,8 +309,12 @@ def run_bare_loop(model, loader, config, window: Window, device, precision: str 
     device = torch.device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model.to(device).train()
-    optimizer = make_optimizer(parameter_groups(model, config.weight_decay, config.lr), config.lr, config.betas, device)
-    scheduler = make_scheduler(optimizer, config.max_steps, warmup_steps_of(config.warmup, config.max_steps), config.schedule)
+    optimizer = make_optimizer(
+        parameter_groups(model, config.weight_decay, config.lr), config.lr, config.betas, device
+    )
+    scheduler = make_scheduler(
+        optimizer, config.max_steps, warmup_steps_of(config.warmup, config.max_steps), config.schedule
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     with tf32_matmuls(device.type == "cuda"):  # as fit does
         _bare_epochs(model, loader, config, window, device, dtype, optimizer, scheduler, scaler)
@@ -283,7 +344,9 @@ def _bare_epochs(model, loader, config, window: Window, device, dtype, optimizer
                 return
 
 
-def run_trainer(model, rows, collate, batch_size: int, config, seed: int, window: Window, grouped: bool = False) -> None:
+def run_trainer(
+    model, rows, collate, batch_size: int, config, seed: int, window: Window, grouped: bool = False
+) -> None:
     """Hugging Face Trainer with the same optimizer, schedule, clipping and no logging overhead; the same batch
     order as fit, or (grouped) Trainer's own length grouping."""
     import tempfile
@@ -308,17 +371,31 @@ def run_trainer(model, rows, collate, batch_size: int, config, seed: int, window
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="mfkit-bench-"), per_device_train_batch_size=batch_size,
-        max_steps=config.max_steps, learning_rate=config.lr, weight_decay=config.weight_decay,
-        warmup_steps=round(config.warmup * config.max_steps), lr_scheduler_type="linear", max_grad_norm=config.grad_clip,
+        output_dir=tempfile.mkdtemp(prefix="mfkit-bench-"),
+        per_device_train_batch_size=batch_size,
+        max_steps=config.max_steps,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=round(config.warmup * config.max_steps),
+        lr_scheduler_type="linear",
+        max_grad_norm=config.grad_clip,
         optim="adamw_torch_fused" if fused_adamw_supported(torch.device(device)) else "adamw_torch",
-        logging_steps=config.max_steps, save_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, use_cpu=not cuda, seed=seed,
-        bf16=pick_precision(device) == "bf16", fp16=pick_precision(device) == "fp16",
-        remove_unused_columns=False, train_sampling_strategy="group_by_length" if grouped else "random",
+        logging_steps=config.max_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+        seed=seed,
+        bf16=pick_precision(device) == "bf16",
+        fp16=pick_precision(device) == "fp16",
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if grouped else "random",
     )
     trainer_class = Trainer if grouped else SameOrderTrainer
-    trainer = trainer_class(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Timer()])
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Timer()]
+    )
     with tf32_matmuls(cuda):  # fit allows TF32 for the matmuls autocast leaves in fp32; the same here
         trainer.train()
 
@@ -354,8 +431,11 @@ def paired_ratios(results: list[dict], workload: str, numerator: str, denominato
         (r["runner"], r["repeat"]): r["tokens_per_s"] for r in results if r["workload"] == workload
     }
     repeats = sorted({repeat for _, repeat in by_repeat})
-    return [by_repeat[numerator, k] / by_repeat[denominator, k] for k in repeats
-            if (numerator, k) in by_repeat and (denominator, k) in by_repeat]
+    return [
+        by_repeat[numerator, k] / by_repeat[denominator, k]
+        for k in repeats
+        if (numerator, k) in by_repeat and (denominator, k) in by_repeat
+    ]
 
 
 def summarize(results: list[dict], tolerance: float = 0.05) -> dict[str, list[dict]]:
@@ -363,11 +443,22 @@ def summarize(results: list[dict], tolerance: float = 0.05) -> dict[str, list[di
     paired per-repeat ratios, their min-max and the verdict."""
     runners, ratios = [], []
     for workload in dict.fromkeys(r["workload"] for r in results):
-        present = [name for name in RUNNERS if any(r["workload"] == workload and r["runner"] == name for r in results)]
+        present = [
+            name
+            for name in RUNNERS
+            if any(r["workload"] == workload and r["runner"] == name for r in results)
+        ]
         for runner in present:
             runs = [r for r in results if r["workload"] == workload and r["runner"] == runner]
             row = {"workload": workload, "runner": runner, "repeats": len(runs), "mfu": mfu(runs[0])}
-            for key in ("tokens_per_s", "samples_per_s", "padding", "peak_memory_mb", "model_tflops_per_s", "seconds"):
+            for key in (
+                "tokens_per_s",
+                "samples_per_s",
+                "padding",
+                "peak_memory_mb",
+                "model_tflops_per_s",
+                "seconds",
+            ):
                 row[key] = statistics.median(r[key] for r in runs)
             row["tokens_per_s_min"] = min(r["tokens_per_s"] for r in runs)
             row["tokens_per_s_max"] = max(r["tokens_per_s"] for r in runs)
@@ -375,17 +466,26 @@ def summarize(results: list[dict], tolerance: float = 0.05) -> dict[str, list[di
         for numerator, denominator in COMPARISONS:
             paired = paired_ratios(results, workload, numerator, denominator)
             if paired:
-                ratios.append({
-                    "workload": workload, "ratio": f"{numerator}/{denominator}", "median": statistics.median(paired),
-                    "min": min(paired), "max": max(paired), "paired": paired, "verdict": verdict(paired, tolerance),
-                })
+                ratios.append(
+                    {
+                        "workload": workload,
+                        "ratio": f"{numerator}/{denominator}",
+                        "median": statistics.median(paired),
+                        "min": min(paired),
+                        "max": max(paired),
+                        "paired": paired,
+                        "verdict": verdict(paired, tolerance),
+                    }
+                )
     return {"runners": runners, "ratios": ratios}
 
 
 def format_table(summary: dict[str, list[dict]]) -> str:
     """The runner table and the ratio table, as printed."""
-    head = (f"{'workload':<10} {'runner':<15} {'tokens/s':>9} {'min-max':>13} {'samples/s':>9} {'padding':>7} "
-            f"{'peak MB':>8} {'MFU':>6}")
+    head = (
+        f"{'workload':<10} {'runner':<15} {'tokens/s':>9} {'min-max':>13} {'samples/s':>9} {'padding':>7} "
+        f"{'peak MB':>8} {'MFU':>6}"
+    )
     lines = [head, "-" * len(head)]
     for r in summary["runners"]:
         spread = f"{r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}"
@@ -395,31 +495,54 @@ def format_table(summary: dict[str, list[dict]]) -> str:
             f"{r['padding']:>7.1%} {r['peak_memory_mb']:>8.0f} {utilisation:>6}"
         )
     if any(r["runner"] == "trainer-grouped" for r in summary["runners"]):
-        lines.append("(trainer-grouped sorts mega-batches of min(50, pool/4) batches, fit-grouped pools of 50: "
-                     "see the padding column)")
+        lines.append(
+            "(trainer-grouped sorts mega-batches of min(50, pool/4) batches, fit-grouped pools of 50: "
+            "see the padding column)"
+        )
     head = f"{'workload':<10} {'ratio of tokens/s':<28} {'median':>6}  {'min-max':<11}  verdict"
     lines += ["", "paired ratios (one per repeat, runners back to back):", head, "-" * (len(head) + 30)]
     for r in summary["ratios"]:
-        lines.append(f"{r['workload']:<10} {r['ratio']:<28} {r['median']:>6.3f}  {r['min']:.3f}-{r['max']:.3f}  "
-                     f"{r['verdict']}")
+        lines.append(
+            f"{r['workload']:<10} {r['ratio']:<28} {r['median']:>6.3f}  {r['min']:.3f}-{r['max']:.3f}  "
+            f"{r['verdict']}"
+        )
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the module docstring keeps its layout
     parser.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all")
-    parser.add_argument("--runners", default=None,
-                        help=f"comma-separated subset of {','.join(RUNNERS)} (default: per workload, see above)")
-    parser.add_argument("--seconds", type=float, default=20.0,
-                        help="timed wall time per measurement, rounded up to whole passes over the pool (default 20)")
-    parser.add_argument("--warmup-epochs", type=int, default=1, help="untimed passes over the pool first (default 1)")
-    parser.add_argument("--pool-batches", type=int, default=None,
-                        help="batches per pass over the pool (default: tiny-gpt 16, minilm 8, minilm-512 8)")
+    parser.add_argument(
+        "--runners",
+        default=None,
+        help=f"comma-separated subset of {','.join(RUNNERS)} (default: per workload, see above)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=20.0,
+        help="timed wall time per measurement, rounded up to whole passes over the pool (default 20)",
+    )
+    parser.add_argument(
+        "--warmup-epochs", type=int, default=1, help="untimed passes over the pool first (default 1)"
+    )
+    parser.add_argument(
+        "--pool-batches",
+        type=int,
+        default=None,
+        help="batches per pass over the pool (default: tiny-gpt 16, minilm 8, minilm-512 8)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--tolerance", type=float, default=0.05,
-                        help="paired ratios on both sides of 1 within this range count as level (default 0.05)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="paired ratios on both sides of 1 within this range count as level (default 0.05)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads in every worker (default: torch's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "RUNNER"), help=argparse.SUPPRESS)
@@ -434,15 +557,24 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     for name in ("seconds", "repeats", "batch_size", "warmup_epochs", "pool_batches"):
         value = getattr(args, name)
         if value is not None and value <= 0:
-            return f"--{name.replace('_', '-')}={value} must be greater than zero. Fix: pass a positive number."
+            return (
+                f"--{name.replace('_', '-')}={value} must be greater than zero. Fix: pass a positive number."
+            )
     return None
 
 
 def main(args: argparse.Namespace) -> int:
     if args.worker:
         workload = args.worker[0]
-        result = run_worker(*args.worker, args.batch_size, args.seconds, args.warmup_epochs,
-                            args.pool_batches or POOL_BATCHES[workload], args.threads, args.seed)
+        result = run_worker(
+            *args.worker,
+            args.batch_size,
+            args.seconds,
+            args.warmup_epochs,
+            args.pool_batches or POOL_BATCHES[workload],
+            args.threads,
+            args.seed,
+        )
         print("MFKIT_BENCH " + json.dumps(result))
         return 0
     problem = check_arguments(args)
@@ -452,13 +584,18 @@ def main(args: argparse.Namespace) -> int:
     workloads = WORKLOADS if args.workload == "all" else (args.workload,)
     results = []
     for workload in workloads:
-        runners = [r.strip() for r in args.runners.split(",")] if args.runners else list(DEFAULT_RUNNERS[workload])
+        runners = (
+            [r.strip() for r in args.runners.split(",")] if args.runners else list(DEFAULT_RUNNERS[workload])
+        )
         for repeat in range(args.repeats):
             for runner in runners if repeat % 2 == 0 else runners[::-1]:
                 result = {**spawn_worker(workload, runner, args), "repeat": repeat}
                 results.append(result)
-                print(f"  {workload:<10} {runner:<15} repeat {repeat + 1}: {result['tokens_per_s']:.0f} tokens/s "
-                      f"over {result['seconds']:.1f} s ({result['epochs']} passes)", flush=True)
+                print(
+                    f"  {workload:<10} {runner:<15} repeat {repeat + 1}: {result['tokens_per_s']:.0f} tokens/s "
+                    f"over {result['seconds']:.1f} s ({result['epochs']} passes)",
+                    flush=True,
+                )
     summary = summarize(results, args.tolerance)
     print(format_table(summary))
     if args.json:
@@ -474,8 +611,23 @@ def main(args: argparse.Namespace) -> int:
 
 def spawn_worker(workload: str, runner: str, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh interpreter and parse its result line."""
-    cmd = [sys.executable, "-m", "mfkit.cli", "bench", "--worker", workload, runner, "--seconds", str(args.seconds),
-           "--warmup-epochs", str(args.warmup_epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mfkit.cli",
+        "bench",
+        "--worker",
+        workload,
+        runner,
+        "--seconds",
+        str(args.seconds),
+        "--warmup-epochs",
+        str(args.warmup_epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+    ]
     if args.pool_batches:
         cmd += ["--pool-batches", str(args.pool_batches)]
     if args.threads:

@@ -23,7 +23,9 @@ from .paths import artifacts_dir, atomic_path
 CHECKPOINT_NAME = "last.pt"
 
 
-def run_folder(group: str, knobs: Mapping[str, Any], artifacts: str | Path | None = None, extra: str = "") -> Path:
+def run_folder(
+    group: str, knobs: Mapping[str, Any], artifacts: str | Path | None = None, extra: str = ""
+) -> Path:
     """`ARTIFACTS_DIR/checkpoints/<group>/<hash>`: where one training run keeps its checkpoint.
 
     The hash covers `knobs` (sizes, steps, learning rate, seed...) and `extra` (e.g. a tokenizer's vocabulary):
@@ -31,7 +33,9 @@ def run_folder(group: str, knobs: Mapping[str, Any], artifacts: str | Path | Non
     being refused by the checkpoint of another configuration.
     """
     plain = {k: v for k, v in knobs.items() if k != "artifacts_dir"}
-    digest = hashlib.sha256((json.dumps(plain, sort_keys=True, default=str) + extra).encode()).hexdigest()[:12]
+    digest = hashlib.sha256((json.dumps(plain, sort_keys=True, default=str) + extra).encode()).hexdigest()[
+        :12
+    ]
     return artifacts_dir(artifacts) / "checkpoints" / group / digest
 
 
@@ -93,7 +97,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a truncated or foreign file
-        raise MfkitError(f"{path} is not a readable mfkit checkpoint ({exc}).", "delete it and train again.") from exc
+        raise MfkitError(
+            f"{path} is not a readable mfkit checkpoint ({exc}).", "delete it and train again."
+        ) from exc
 
 
 def _plain(value: Any) -> Any:
@@ -114,8 +120,11 @@ def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]
         if old == new:
             continue
         if isinstance(old, dict) and isinstance(new, dict) and key != "shapes":
-            lines += [f"{key}.{sub}: {old.get(sub)!r} in the checkpoint, {new.get(sub)!r} now"
-                      for sub in sorted(set(old) | set(new)) if old.get(sub) != new.get(sub)]
+            lines += [
+                f"{key}.{sub}: {old.get(sub)!r} in the checkpoint, {new.get(sub)!r} now"
+                for sub in sorted(set(old) | set(new))
+                if old.get(sub) != new.get(sub)
+            ]
         elif isinstance(old, dict) and isinstance(new, dict):
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             lines.append(f"{key}: {len(changed)} tensor(s) differ in shape or presence, e.g. {changed[:3]}")
@@ -126,8 +135,10 @@ def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]
 
 def check_fingerprint(path: str | Path, saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
     """Raise `MfkitError` unless the checkpoint at `path` was written by a run configured like this one."""
-    fix = ("resume with the settings it was written with, or pass resume=False (or another checkpoint_dir) "
-           "to start a fresh run.")
+    fix = (
+        "resume with the settings it was written with, or pass resume=False (or another checkpoint_dir) "
+        "to start a fresh run."
+    )
     if saved is None:
         raise MfkitError(f"{path} was written by an older mfkit and records no configuration to check.", fix)
     differences = fingerprint_differences(saved, current)

@@ -131,13 +131,17 @@ def _split_limits(limits: Limits, splits: Sequence[str]) -> dict[str, int | None
     if isinstance(limits, Mapping):
         unknown = sorted(set(limits) - set(splits))
         if unknown:
-            raise MfkitError(f"limits names unknown split(s) {unknown}.", f"use split names from {list(splits)}.")
+            raise MfkitError(
+                f"limits names unknown split(s) {unknown}.", f"use split names from {list(splits)}."
+            )
         chosen = dict(limits)
     else:
         chosen = dict.fromkeys(splits, limits)
     for split, value in chosen.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise MfkitError(f"The row limit for {split!r} is {value!r}.", "use a positive whole number or None.")
+            raise MfkitError(
+                f"The row limit for {split!r} is {value!r}.", "use a positive whole number or None."
+            )
     return chosen
 
 
@@ -228,7 +232,9 @@ def classification_loaders(
     collate = pad_collate(pad_id)
     eval_size = eval_batch_size or 2 * batch_size
     return Loaders(
-        train=make_loader(tokenized["train"], batch_size, collate, shuffle=True, seed=seed, group_by_length=group_by_length),
+        train=make_loader(
+            tokenized["train"], batch_size, collate, shuffle=True, seed=seed, group_by_length=group_by_length
+        ),
         validation=make_loader(tokenized["validation"], eval_size, collate, shuffle=False, seed=seed),
         test=make_loader(tokenized["test"], eval_size, collate, shuffle=False, seed=seed),
     )
@@ -259,7 +265,9 @@ def scores_of(predictions: Predictions, positive: int = 1, prefix: str = "") -> 
     return {f"{prefix}{k}": v for k, v in scores.items()}
 
 
-def evaluate_classifier(model: nn.Module, loader: DataLoader, positive: int = 1, prefix: str = "eval_") -> dict[str, float]:
+def evaluate_classifier(
+    model: nn.Module, loader: DataLoader, positive: int = 1, prefix: str = "eval_"
+) -> dict[str, float]:
     """Loss, accuracy, precision, recall and F1 of class `positive`, and macro F1 of `model` on `loader`.
 
     Keys carry `prefix` (`eval_loss`, `eval_f1`, ...), so this is a drop-in `fit(..., eval_fn=evaluate_classifier)`.
@@ -274,7 +282,8 @@ def confusion(labels: Sequence[int], preds: Sequence[int], num_labels: int | Non
     labels, preds = np.asarray(labels), np.asarray(preds)
     if labels.shape != preds.shape or labels.size == 0:
         raise MfkitError(
-            f"labels {labels.shape} and predictions {preds.shape} differ or are empty.", "pass one prediction per label."
+            f"labels {labels.shape} and predictions {preds.shape} differ or are empty.",
+            "pass one prediction per label.",
         )
     n = num_labels or int(max(labels.max(), preds.max())) + 1
     return confusion_matrix(labels, preds, labels=list(range(n)))
@@ -296,7 +305,9 @@ BASELINE_NOTEBOOK = "03_full-finetuning"
 BASELINE_FOLDER = "03-classifier"
 
 
-def save_classifier(model: nn.Module, tokenizer: Any, target: str | Path, card: Mapping[str, Any] | None = None) -> Path:
+def save_classifier(
+    model: nn.Module, tokenizer: Any, target: str | Path, card: Mapping[str, Any] | None = None
+) -> Path:
     """Save a fine-tuned classifier and its tokenizer as one `from_pretrained` folder, replacing `target` whole.
 
     `card` (settings and scores of the run that made it) is written beside the weights as `mfkit.json`, so a later
@@ -334,16 +345,25 @@ def load_baseline(artifacts: str | Path) -> Baseline:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def tfidf_pipeline(c: float = 10.0, ngram_range: tuple[int, int] = (1, 1), min_df: int = 2, max_features: int | None = None):
+def tfidf_pipeline(
+    c: float = 10.0, ngram_range: tuple[int, int] = (1, 1), min_df: int = 2, max_features: int | None = None
+):
     """TF-IDF features (sublinear term frequency, word n-grams) into an L2-regularised logistic regression."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
 
-    return Pipeline([
-        ("tfidf", TfidfVectorizer(sublinear_tf=True, ngram_range=ngram_range, min_df=min_df, max_features=max_features)),
-        ("logreg", LogisticRegression(C=c, solver="liblinear", max_iter=1000)),
-    ])
+    return Pipeline(
+        [
+            (
+                "tfidf",
+                TfidfVectorizer(
+                    sublinear_tf=True, ngram_range=ngram_range, min_df=min_df, max_features=max_features
+                ),
+            ),
+            ("logreg", LogisticRegression(C=c, solver="liblinear", max_iter=1000)),
+        ]
+    )
 
 
 def tfidf_baseline(
@@ -369,9 +389,14 @@ def tfidf_baseline(
     texts = {name: [t or "" for t in dsdict[name][text_column]] for name in ("train", "validation", split)}
     labels = {name: _label_array(dsdict[name], label_column, name) for name in texts}
     if len(np.unique(labels["train"])) < 2:
-        raise MfkitError("The train split holds a single class.", "give the baseline examples of at least two classes.")
+        raise MfkitError(
+            "The train split holds a single class.", "give the baseline examples of at least two classes."
+        )
     if not cs:
-        raise MfkitError("tfidf_baseline got no values of C to try.", "pass cs= with at least one number, e.g. (1.0, 10.0).")
+        raise MfkitError(
+            "tfidf_baseline got no values of C to try.",
+            "pass cs= with at least one number, e.g. (1.0, 10.0).",
+        )
     start = time.perf_counter()
     pipeline = tfidf_pipeline(**pipeline_kw)
     features = {"train": pipeline["tfidf"].fit_transform(texts["train"])}
@@ -379,7 +404,9 @@ def tfidf_baseline(
     best: tuple[float, float, Any] | None = None
     for c in cs:
         logreg = clone(pipeline["logreg"]).set_params(C=c).fit(features["train"], labels["train"])
-        f1 = classification_scores(labels["validation"], logreg.predict(features["validation"]), positive)["f1"]
+        f1 = classification_scores(labels["validation"], logreg.predict(features["validation"]), positive)[
+            "f1"
+        ]
         if best is None or f1 > best[0]:
             best = (f1, c, logreg)
     seconds = time.perf_counter() - start

@@ -24,11 +24,15 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
         "notebooks that require it; the others still run. Exit code: 0 all ok, 1 some failed/skipped, 2 bad input.",
     )
     parser.add_argument("--profile", default="smoke", metavar="{smoke,cpu,gpu}", help=PROFILES_HELP)
-    parser.add_argument("--only", metavar="NN[,NN]", help="run only these notebooks (numbers, comma-separated)")
+    parser.add_argument(
+        "--only", metavar="NN[,NN]", help="run only these notebooks (numbers, comma-separated)"
+    )
     parser.add_argument("--from", dest="start", metavar="NN", help="start at this notebook number")
     parser.add_argument("--to", dest="end", metavar="NN", help="stop after this notebook number")
     parser.add_argument(
-        "--output", metavar="DIR", help="where executed notebooks, artifacts/ and summary.json go; default: runs/<profile>"
+        "--output",
+        metavar="DIR",
+        help="where executed notebooks, artifacts/ and summary.json go; default: runs/<profile>",
     )
     parser.add_argument(
         "--param",
@@ -39,9 +43,15 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
         help="extra notebook parameter, value read as a Python literal (else a string); repeatable, "
         "e.g. --param MAX_STEPS=10 MODEL=minilm; ARTIFACTS_DIR=... replaces OUTPUT/artifacts",
     )
-    parser.add_argument("--notebooks", metavar="DIR", help="folder of NN_slug.ipynb notebooks; default: notebooks/")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="stop a notebook whose cell runs longer")
-    parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output while they run")
+    parser.add_argument(
+        "--notebooks", metavar="DIR", help="folder of NN_slug.ipynb notebooks; default: notebooks/"
+    )
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="stop a notebook whose cell runs longer"
+    )
+    parser.add_argument(
+        "--log-output", action="store_true", help="stream the notebooks' output while they run"
+    )
     parser.set_defaults(handler=_cmd_run)
 
 
@@ -55,8 +65,12 @@ def _add_results(subparsers: argparse._SubParsersAction) -> None:
         "knobs that differ. A and B are run folders (or their summary.json), or profile names for runs/<profile>.",
     )
     parser.add_argument("--output", metavar="DIR", help="the run's output folder; default: the latest run")
-    parser.add_argument("--profile", metavar="{smoke,cpu,gpu}", help="show runs/<profile> instead of the latest run")
-    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two runs (folders or profile names)")
+    parser.add_argument(
+        "--profile", metavar="{smoke,cpu,gpu}", help="show runs/<profile> instead of the latest run"
+    )
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"), help="compare two runs (folders or profile names)"
+    )
     parser.set_defaults(handler=_cmd_results)
 
 
@@ -74,7 +88,9 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
             raise MfkitError(problem, "install the missing package into this environment (see README).")
 
         # prefix_chars that no option uses: every argument lands in `rest`, and the handler explains the problem
-        stub = subparsers.add_parser("bench", help="(unavailable: a dependency is missing)", prefix_chars="\0")
+        stub = subparsers.add_parser(
+            "bench", help="(unavailable: a dependency is missing)", prefix_chars="\0"
+        )
         stub.add_argument("rest", nargs=argparse.REMAINDER)
         stub.set_defaults(handler=broken)
         return
@@ -92,7 +108,9 @@ def _add_notebooks(subparsers: argparse._SubParsersAction) -> None:
         "`cd DIR && mfkit run`. Files already there and different are kept unless --force.",
     )
     parser.add_argument("dir", metavar="DIR", help="the folder to copy them into (created if needed)")
-    parser.add_argument("--force", action="store_true", help="overwrite copies that differ (your edits are lost)")
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite copies that differ (your edits are lost)"
+    )
     parser.set_defaults(handler=_cmd_notebooks)
 
 
@@ -154,7 +172,9 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
     if args.compare:
         if args.output or args.profile:
-            raise MfkitError("--compare takes the two runs itself.", "drop --output/--profile: --compare A B.")
+            raise MfkitError(
+                "--compare takes the two runs itself.", "drop --output/--profile: --compare A B."
+            )
         first, second = (runner.load_summary(runner.find_run(name)) for name in args.compare)
         print(runner.format_comparison(first, second, *args.compare))
         return 0
@@ -188,8 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except OSError as exc:  # a folder that became unwritable or vanished mid-run: one line, not a traceback
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"mfkit {args.command}: {exc.strerror or exc}{where}.\n  Fix: check that folder and its "
-              "permissions, then run the command again.", file=sys.stderr)
+        print(
+            f"mfkit {args.command}: {exc.strerror or exc}{where}.\n  Fix: check that folder and its "
+            "permissions, then run the command again.",
+            file=sys.stderr,
+        )
         return 2
 
 

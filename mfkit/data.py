@@ -304,7 +304,9 @@ def _split_by_column(table: Dataset, column: str = "split") -> DatasetDict:
 def _file_bytes(path: Path) -> bytes:
     """The content of a data file, decompressed when it ends in .gz; `MfkitError` for an empty or cut-off file."""
     if path.stat().st_size == 0:
-        raise MfkitError(f"{path} is empty (0 bytes).", "point at the file that holds the data, or write it again.")
+        raise MfkitError(
+            f"{path} is empty (0 bytes).", "point at the file that holds the data, or write it again."
+        )
     if path.suffix.lower() != ".gz":
         return path.read_bytes()
     try:
@@ -347,16 +349,18 @@ def _check_csv_rows(path: Path, text: str) -> None:
                 width = len(row)
             elif len(row) != width:
                 short = reader.line_num == text.rstrip("\n").count("\n") + 1 and len(row) < width
-                problem = "its last row is incomplete: the file looks truncated" if short else "it is not a table"
+                problem = (
+                    "its last row is incomplete: the file looks truncated" if short else "it is not a table"
+                )
                 raise MfkitError(
                     f"{path}: line {reader.line_num} has {len(row)} field(s) but the header has {width}; {problem}.",
-                    "export the file again in full; quote a field that holds a comma (\"a, b\").",
+                    'export the file again in full; quote a field that holds a comma ("a, b").',
                 )
     except csv.Error as exc:
         raise MfkitError(
             f"{path} is not well-formed CSV near line {reader.line_num} ({exc}): a quoted field is broken or "
             "never ends (a file cut short ends like this).",
-            "export or copy the file again in full; a quote inside a quoted field is written twice (\"\").",
+            'export or copy the file again in full; a quote inside a quoted field is written twice ("").',
         ) from exc
 
 
@@ -530,7 +534,9 @@ def _encode_labels(dd: DatasetDict, positive_label: Any = None) -> DatasetDict:
     if isinstance(feature, ClassLabel) and positive_label in (None, *feature.names[1:2]):
         return dd  # already in the kit's order
     dd = _label_strings(dd)
-    names = _class_order({value for split in dd.values() for value in column_values(split, "label")}, positive_label)
+    names = _class_order(
+        {value for split in dd.values() for value in column_values(split, "label")}, positive_label
+    )
     return dd.cast_column("label", ClassLabel(names=names))
 
 
@@ -747,7 +753,9 @@ def load_data(
     path = Path(name).expanduser()
     builder = _local_builder(path)
     if builder is not None:
-        return _finish(_load_local(path, builder, text_column, label_column, fractions), str(path), positive_label)
+        return _finish(
+            _load_local(path, builder, text_column, label_column, fractions), str(path), positive_label
+        )
     if path.exists():
         raise MfkitError(
             f"{path} exists but is not a .csv, .json or .jsonl file.",

@@ -82,7 +82,10 @@ class Environment:
     threads: int
 
     def describe(self) -> str:
-        lines = [f"device     {self.device}" + (f" ({torch.cuda.get_device_name(0)})" if self.device.type == "cuda" else "")]
+        lines = [
+            f"device     {self.device}"
+            + (f" ({torch.cuda.get_device_name(0)})" if self.device.type == "cuda" else "")
+        ]
         lines += [f"precision  {self.precision}", f"threads    {self.threads}", f"seed       {self.seed}"]
         lines += [f"colab      {self.colab}"] + [f"{k:<10} {v}" for k, v in self.versions.items()]
         return "\n".join(lines)

@@ -25,7 +25,11 @@ def check_choice(name: str, value: object, choices: list | tuple | set) -> None:
 
 def check_positive(name: str, value: float | int, allow_zero: bool = False) -> None:
     """Raise `MfkitError` unless `value` is a positive number (or zero, when allowed)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and (value >= 0 if allow_zero else value > 0)
+    )
     if not ok:
         bound = "zero or more" if allow_zero else "greater than zero"
         raise MfkitError(f"{name}={value!r} must be a number {bound}.", f"pass {name} as a number {bound}.")

@@ -42,14 +42,18 @@ class FeatureHead(nn.Module):
         self.pooler, self.dropout, self.classifier = pooler, model.dropout, model.classifier
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        pooled = self.pooler(features.unsqueeze(1))  # the pooler reads position 0 of a [batch, T, hidden] input
+        pooled = self.pooler(
+            features.unsqueeze(1)
+        )  # the pooler reads position 0 of a [batch, T, hidden] input
         logits = self.classifier(self.dropout(pooled))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 @torch.no_grad()
-def encoder_features(model: nn.Module, loader: DataLoader, progress: bool = True, desc: str = "encode") -> Rows:
+def encoder_features(
+    model: nn.Module, loader: DataLoader, progress: bool = True, desc: str = "encode"
+) -> Rows:
     """The frozen encoder's `[CLS]` vector of every example of `loader`, in loader order, with its label."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -59,14 +63,21 @@ def encoder_features(model: nn.Module, loader: DataLoader, progress: bool = True
         labels = batch["labels"]
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         cls = model.base_model(**inputs).last_hidden_state[:, 0].float().cpu()
-        rows.extend({"features": vector, "labels": int(label)} for vector, label in zip(cls, labels, strict=True))
+        rows.extend(
+            {"features": vector, "labels": int(label)} for vector, label in zip(cls, labels, strict=True)
+        )
     model.train(was_training)
     return rows
 
 
-def feature_loaders(model: nn.Module, loaders: Loaders, batch_size: int, seed: int = 0, progress: bool = True) -> Loaders:
+def feature_loaders(
+    model: nn.Module, loaders: Loaders, batch_size: int, seed: int = 0, progress: bool = True
+) -> Loaders:
     """Encode the three splits of `loaders` once; return loaders over the cached vectors (train shuffled by seed)."""
-    cached = {split: encoder_features(model, loader, progress, desc=f"encode {split}") for split, loader in loaders._asdict().items()}
+    cached = {
+        split: encoder_features(model, loader, progress, desc=f"encode {split}")
+        for split, loader in loaders._asdict().items()
+    }
     return Loaders(
         train=make_loader(cached["train"], batch_size, shuffle=True, seed=seed),
         validation=make_loader(cached["validation"], 2 * batch_size, shuffle=False),

@@ -64,7 +64,9 @@ def shorten(text: str, max_chars: int) -> str:
     return cut + "…"
 
 
-def draw_shots(labels: Sequence[int], k: int, seed: int = 0, draw: int = 0, num_classes: int | None = None) -> list[int]:
+def draw_shots(
+    labels: Sequence[int], k: int, seed: int = 0, draw: int = 0, num_classes: int | None = None
+) -> list[int]:
     """Row indices of `k` examples of every class (2k rows for two classes), in a shuffled order.
 
     Balanced: each class gets exactly `k` rows, whatever its share of the data. Seeded: `(seed, draw)` fixes the
@@ -98,7 +100,9 @@ def draws_for(k: int, draws: int) -> int:
 
 def drawn_rows(labels: Sequence[int], shots: Sequence[int], draws: int, seed: int = 0) -> list[int]:
     """Every row any (k, draw) of the grid uses, sorted: the only training rows that need embedding."""
-    return sorted({i for k in shots for d in range(draws_for(k, draws)) for i in draw_shots(labels, k, seed, d)})
+    return sorted(
+        {i for k in shots for d in range(draws_for(k, draws)) for i in draw_shots(labels, k, seed, d)}
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,11 +160,15 @@ def get_templates(names: Sequence[str] | str) -> list[Template]:
     names = [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in TEMPLATES]
     if unknown or not names:
-        raise MfkitError(f"Unknown or no template name(s): {unknown or names}.", f"use names from {list(TEMPLATES)}.")
+        raise MfkitError(
+            f"Unknown or no template name(s): {unknown or names}.", f"use names from {list(TEMPLATES)}."
+        )
     return [TEMPLATES[n] for n in names]
 
 
-def fewshot_messages(template: Template, shots: Sequence[tuple[str, int]], query: str) -> list[dict[str, str]]:
+def fewshot_messages(
+    template: Template, shots: Sequence[tuple[str, int]], query: str
+) -> list[dict[str, str]]:
     """The chat of a k-shot prompt: [system], then per example a user turn and the assistant's label word, then
     the user turn of `query`. `shots` holds (text, class id) pairs."""
     messages = [{"role": "system", "content": template.system}] if template.system else []
@@ -178,7 +186,9 @@ def fewshot_messages(template: Template, shots: Sequence[tuple[str, int]], query
 
 def _check_chat(tokenizer: Any) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise MfkitError("This tokenizer has no chat template.", "use an instruction-tuned model such as smollm2-135m.")
+        raise MfkitError(
+            "This tokenizer has no chat template.", "use an instruction-tuned model such as smollm2-135m."
+        )
 
 
 def fewshot_prompt(tokenizer: Any, template: Template, shots: Sequence[tuple[str, int]], query: str) -> str:
@@ -252,7 +262,9 @@ def score_shared_prefix(
     suffix_ids = [_ids(tokenizer, s, special=False) for s in suffixes]
     word_ids = [_ids(tokenizer, w, special=False) for w in label_words]
     if any(not ids for ids in suffix_ids) or any(not ids for ids in word_ids):
-        raise MfkitError("A suffix or a label word encodes to no tokens.", "use non-empty prompts and label words.")
+        raise MfkitError(
+            "A suffix or a label word encodes to no tokens.", "use non-empty prompts and label words."
+        )
     if _ids(tokenizer, prefix + suffixes[0], special=True) != prefix_ids + suffix_ids[0]:
         raise MfkitError(
             "The prefix and the suffix tokenize differently apart than together.",
@@ -267,7 +279,9 @@ def score_shared_prefix(
         )
     device = next(model.parameters()).device
     # Only the last position's logits are needed: skip the output layer elsewhere where the model allows it.
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    last_only = (
+        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    )
 
     def run(ids: list[int], **kw: Any) -> torch.Tensor:
         out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True, **kw)
@@ -369,7 +383,9 @@ def fit_probe(features: np.ndarray, labels: Sequence[int], c: float = 1.0) -> An
 
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
-        raise MfkitError("The probe's examples hold a single class.", "give it examples of at least two classes.")
+        raise MfkitError(
+            "The probe's examples hold a single class.", "give it examples of at least two classes."
+        )
     check_positive("c", c)
     return LogisticRegression(C=c, max_iter=1000).fit(np.asarray(features), labels)
 
@@ -379,8 +395,9 @@ def fit_probe(features: np.ndarray, labels: Sequence[int], c: float = 1.0) -> An
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _scores_row(method: str, template: str, k: int, draw: int, labels: np.ndarray, preds: np.ndarray,
-                positive: int) -> dict[str, Any]:
+def _scores_row(
+    method: str, template: str, k: int, draw: int, labels: np.ndarray, preds: np.ndarray, positive: int
+) -> dict[str, Any]:
     row = {"method": method, "template": template, "k": k, "draw": draw}
     row.update(classification_scores(labels, preds, positive=positive))
     row["positive_share"] = float(np.mean(preds == positive))
@@ -421,17 +438,35 @@ def run_icl(
         for template in templates:
             for k in shots:
                 for draw in range(draws_for(k, draws)):
-                    examples = [(pool_texts[i], int(pool_labels[i])) for i in draw_shots(pool_labels, k, seed, draw)]
-                    prefix, suffixes = split_prompts(tokenizer, template, examples, [*eval_texts, *content_free])
+                    examples = [
+                        (pool_texts[i], int(pool_labels[i])) for i in draw_shots(pool_labels, k, seed, draw)
+                    ]
+                    prefix, suffixes = split_prompts(
+                        tokenizer, template, examples, [*eval_texts, *content_free]
+                    )
                     bar.set_postfix(template=template.name, k=k, draw=draw)
-                    scores = score_shared_prefix(model, tokenizer, prefix, suffixes, template.label_words,
-                                                 max_context_tokens=max_context_tokens, progress=bar)
+                    scores = score_shared_prefix(
+                        model,
+                        tokenizer,
+                        prefix,
+                        suffixes,
+                        template.label_words,
+                        max_context_tokens=max_context_tokens,
+                        progress=bar,
+                    )
                     real, free = scores[: len(eval_texts)], scores[len(eval_texts) :]
                     calibrated = contextual_calibration(real, free)
-                    extra = {"prior_positive": float(softmax(free).mean(axis=0)[positive]),
-                             "prefix_tokens": len(_ids(tokenizer, prefix, special=True))}
-                    for method, preds in (("icl", real.argmax(axis=1)), ("icl-calibrated", calibrated.argmax(axis=1))):
-                        rows.append(_scores_row(method, template.name, k, draw, eval_labels, preds, positive) | extra)
+                    extra = {
+                        "prior_positive": float(softmax(free).mean(axis=0)[positive]),
+                        "prefix_tokens": len(_ids(tokenizer, prefix, special=True)),
+                    }
+                    for method, preds in (
+                        ("icl", real.argmax(axis=1)),
+                        ("icl-calibrated", calibrated.argmax(axis=1)),
+                    ):
+                        rows.append(
+                            _scores_row(method, template.name, k, draw, eval_labels, preds, positive) | extra
+                        )
     return pd.DataFrame(rows)
 
 
@@ -459,10 +494,16 @@ def run_probe(
             picked = draw_shots(pool_labels, k, seed, draw)
             missing = [i for i in picked if i not in features_of]
             if missing:
-                raise MfkitError(f"No features for training rows {missing[:5]}.",
-                                 "embed every row of drawn_rows(pool_labels, shots, draws, seed).")
-            probe = fit_probe(np.stack([features_of[i] for i in picked]), [pool_labels[i] for i in picked], c=c)
-            rows.append(_scores_row("probe", name, k, draw, eval_labels, probe.predict(eval_features), positive))
+                raise MfkitError(
+                    f"No features for training rows {missing[:5]}.",
+                    "embed every row of drawn_rows(pool_labels, shots, draws, seed).",
+                )
+            probe = fit_probe(
+                np.stack([features_of[i] for i in picked]), [pool_labels[i] for i in picked], c=c
+            )
+            rows.append(
+                _scores_row("probe", name, k, draw, eval_labels, probe.predict(eval_features), positive)
+            )
     return pd.DataFrame(rows)
 
 

@@ -37,7 +37,9 @@ def user_message(source: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
     return f"{instruction}\n\n{source}"
 
 
-def format_prompt(tokenizer: Any, source: str, instruction: str = DEFAULT_INSTRUCTION, system: str | None = None) -> str:
+def format_prompt(
+    tokenizer: Any, source: str, instruction: str = DEFAULT_INSTRUCTION, system: str | None = None
+) -> str:
     """The chat-formatted prompt for `source`, ending where the model's answer begins."""
     return chat_prompt(tokenizer, user_message(source, instruction), system)
 
@@ -65,7 +67,11 @@ def encode_pair(
     Prompt and answer are tokenized separately, exactly as they meet at generation time: the model reads the
     prompt's tokens and continues with the answer's.
     """
-    prompt_ids = list(tokenizer(format_prompt(tokenizer, source, instruction, system), add_special_tokens=False)["input_ids"])
+    prompt_ids = list(
+        tokenizer(format_prompt(tokenizer, source, instruction, system), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     answer_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"]) + [end_of_turn_id(tokenizer)]
     return {
         "input_ids": prompt_ids + answer_ids,
@@ -98,10 +104,15 @@ def tokenize_pairs(
             )
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        rows = [encode_pair(tokenizer, s, t, instruction, system) for s, t in zip(batch[source_column], batch[target_column], strict=True)]
+        rows = [
+            encode_pair(tokenizer, s, t, instruction, system)
+            for s, t in zip(batch[source_column], batch[target_column], strict=True)
+        ]
         return {key: [row[key] for row in rows] for key in ("input_ids", "attention_mask", "labels")}
 
-    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, keep_in_memory=True, desc="tokenize pairs")
+    encoded = dataset.map(
+        encode, batched=True, remove_columns=dataset.column_names, keep_in_memory=True, desc="tokenize pairs"
+    )
     kept = encoded.filter(lambda row: len(row["input_ids"]) <= max_length, keep_in_memory=True)
     if len(kept) == 0:
         raise MfkitError(
@@ -111,7 +122,9 @@ def tokenize_pairs(
     return kept
 
 
-def instruction_loader(tokenized: Any, tokenizer: Any, batch_size: int, shuffle: bool = True, seed: int = 0) -> DataLoader:
+def instruction_loader(
+    tokenized: Any, tokenizer: Any, batch_size: int, shuffle: bool = True, seed: int = 0
+) -> DataLoader:
     """Batches of `tokenize_pairs` rows, right-padded to the batch's longest; padded labels are -100."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
     return make_loader(tokenized, batch_size, pad_collate(pad_id, IGNORE_INDEX), shuffle=shuffle, seed=seed)
@@ -152,9 +165,17 @@ def generate_answers(
     for rows in tqdm(batches, desc="generate", disable=not progress):
         longest = max(len(encoded[i]) for i in rows)
         ids = torch.tensor([[pad] * (longest - len(encoded[i])) + encoded[i] for i in rows], device=device)
-        mask = torch.tensor([[0] * (longest - len(encoded[i])) + [1] * len(encoded[i]) for i in rows], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=pad)
+        mask = torch.tensor(
+            [[0] * (longest - len(encoded[i])) + [1] * len(encoded[i]) for i in rows], device=device
+        )
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
         for row, i in enumerate(rows):
             answers[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True).strip()
     model.train(was_training)
@@ -170,10 +191,13 @@ def translation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> 
     try:
         import sacrebleu
     except ImportError as exc:
-        raise MfkitError("BLEU and chrF come from the sacrebleu package, which is not installed.", "pip install sacrebleu") from exc
+        raise MfkitError(
+            "BLEU and chrF come from the sacrebleu package, which is not installed.", "pip install sacrebleu"
+        ) from exc
     if len(hypotheses) != len(references) or not hypotheses:
         raise MfkitError(
-            f"{len(hypotheses)} hypotheses for {len(references)} references.", "pass one non-empty list of each, in the same order."
+            f"{len(hypotheses)} hypotheses for {len(references)} references.",
+            "pass one non-empty list of each, in the same order.",
         )
     refs = [list(references)]
     return {

@@ -16,7 +16,15 @@ from .errors import MfkitError
 from .optim import parameter_groups
 from .training import Callback, TrainState
 
-BLOCK_LISTS = ("encoder.layer", "transformer.h", "model.layers", "h", "layers", "encoder.layers", "decoder.layers")
+BLOCK_LISTS = (
+    "encoder.layer",
+    "transformer.h",
+    "model.layers",
+    "h",
+    "layers",
+    "encoder.layers",
+    "decoder.layers",
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def layerwise_lr(groups: list[LayerGroup], top_lr: float, decay: float) -> dict[str, float]:
     """Discriminative learning rates: the head gets `top_lr`, each group below gets `decay` times the one above."""
     if not 0 < decay <= 1:
-        raise MfkitError(f"decay={decay} must be in (0, 1].", "use e.g. 1/2.6 (ULMFiT) or 0.8; 1 means one rate for all.")
+        raise MfkitError(
+            f"decay={decay} must be in (0, 1].", "use e.g. 1/2.6 (ULMFiT) or 0.8; 1 means one rate for all."
+        )
     return {g.name: top_lr * decay ** (len(groups) - 1 - i) for i, g in enumerate(groups)}
 
 
@@ -94,7 +104,12 @@ def discriminative_param_groups(
     rates = layerwise_lr(groups, top_lr, decay)
     layer_of = {n: g.name for g in groups for n in g.parameter_names}
     result = parameter_groups(
-        model, weight_decay, top_lr, lr_for=lambda n: rates[layer_of[n]], include_frozen=True, group_of=layer_of.get
+        model,
+        weight_decay,
+        top_lr,
+        lr_for=lambda n: rates[layer_of[n]],
+        include_frozen=True,
+        group_of=layer_of.get,
     )
     order = {g.name: i for i, g in enumerate(groups)}
     return sorted(result, key=lambda g: (order[g["layer"]], g["weight_decay"]))
@@ -111,12 +126,16 @@ class GradualUnfreezing(Callback):
 
     def __init__(self, groups: list[LayerGroup], head_steps: int, every: int) -> None:
         if head_steps < 0 or every <= 0:
-            raise MfkitError(f"head_steps={head_steps}, every={every}.", "use head_steps >= 0 and every >= 1.")
+            raise MfkitError(
+                f"head_steps={head_steps}, every={every}.", "use head_steps >= 0 and every >= 1."
+            )
         self.groups = groups
         self.head_steps = head_steps
         self.every = every
         self.timeline: list[tuple[int, int]] = []  # (step, number of trainable groups) whenever it changes
-        self._applied: int | None = None  # what this process last set on the model (not saved: a resumed run reapplies)
+        self._applied: int | None = (
+            None  # what this process last set on the model (not saved: a resumed run reapplies)
+        )
 
     def trainable_groups(self, step: int) -> int:
         """How many groups, counted from the top, are trainable at `step`."""

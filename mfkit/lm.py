@@ -56,8 +56,13 @@ def tiny_gpt_config(
     (`gelu_pytorch_tanh`) instead of GPT-2's default of four separate tensor operations: same function, fewer
     passes over memory (about 5% of a CPU training step).
     """
-    for name, value in (("vocab_size", vocab_size), ("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head),
-                        ("block_size", block_size)):
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("n_layer", n_layer),
+        ("n_embd", n_embd),
+        ("n_head", n_head),
+        ("block_size", block_size),
+    ):
         check_positive(name, value)
     if n_embd % n_head:
         raise MfkitError(
@@ -121,7 +126,7 @@ def token_stream(texts: Iterable[str], tokenizer: Any, batch_size: int = 1000) -
     texts = list(texts)
     pieces: list[int] = []
     for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]
+        encoded = tokenizer(texts[start : start + batch_size], add_special_tokens=False)["input_ids"]
         for ids in encoded:
             pieces.extend(ids)
             pieces.append(sep)
@@ -153,8 +158,10 @@ def block_collate(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     so there is nothing to mask; and an all-ones mask is not free: transformers checks it on the host before each
     forward, which costs a GPU-to-host synchronization every step.
     """
-    return {"input_ids": torch.tensor([row["input_ids"] for row in rows]),
-            "labels": torch.tensor([row["labels"] for row in rows])}
+    return {
+        "input_ids": torch.tensor([row["input_ids"] for row in rows]),
+        "labels": torch.tensor([row["labels"] for row in rows]),
+    }
 
 
 def lm_loaders(
@@ -209,7 +216,9 @@ def generate_samples(
     """
     check_positive("max_new_tokens", max_new_tokens)
     device = next(model.parameters()).device
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    context = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", None
+    )
     was_training = model.training
     model.eval()
     if seed is not None:  # once, before all prompts, so each prompt draws its own random numbers
@@ -233,7 +242,7 @@ def generate_samples(
             eos_token_id=eos_id(tokenizer),
             **{"do_sample": False, **sampling},
         )
-        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     model.train(was_training)
     return outputs
 
@@ -242,7 +251,9 @@ def generate_samples(
 # Saving
 
 
-def save_tiny_gpt(model: nn.Module, tokenizer: Any, artifacts: str | Path | None = None, name: str = MODEL_NAME) -> Path:
+def save_tiny_gpt(
+    model: nn.Module, tokenizer: Any, artifacts: str | Path | None = None, name: str = MODEL_NAME
+) -> Path:
     """Save model + tokenizer to `ARTIFACTS_DIR/models/<name>` in one rename, so `load_model(name)` finds them.
 
     Everything is written to a temporary folder beside the target first; a crash half-way leaves the previous
@@ -272,7 +283,9 @@ def predicted_tokens(loader: DataLoader) -> list[int]:
     return tokens
 
 
-def unigram_perplexity(train_ids: Iterable[int], loader: DataLoader, vocab_size: int, smoothing: float = 1.0) -> tuple[float, int]:
+def unigram_perplexity(
+    train_ids: Iterable[int], loader: DataLoader, vocab_size: int, smoothing: float = 1.0
+) -> tuple[float, int]:
     """Perplexity of a unigram model fitted on `train_ids`, on the tokens `loader` makes a causal LM predict.
 
     Returns (perplexity, number of tokens scored).
@@ -282,12 +295,20 @@ def unigram_perplexity(train_ids: Iterable[int], loader: DataLoader, vocab_size:
     return unigram.perplexity(targets), len(targets)
 
 
-def compare_with_unigram(model: nn.Module, loader: DataLoader, train_ids: Iterable[int], vocab_size: int) -> dict[str, float]:
+def compare_with_unigram(
+    model: nn.Module, loader: DataLoader, train_ids: Iterable[int], vocab_size: int
+) -> dict[str, float]:
     """Model and unigram perplexity on the same predicted tokens of `loader` (checked to be the same count)."""
     total, count = token_nll(model, loader)
     uni_ppl, uni_count = unigram_perplexity(train_ids, loader, vocab_size)
     if count != uni_count:  # would mean the two are not scored on the same tokens
-        raise MfkitError(f"The model scored {count} tokens, the unigram {uni_count}.", "report this as a bug in mfkit.lm.")
+        raise MfkitError(
+            f"The model scored {count} tokens, the unigram {uni_count}.", "report this as a bug in mfkit.lm."
+        )
     model_ppl = math.exp(total / count)
-    return {"tokens": count, "model_perplexity": model_ppl, "unigram_perplexity": uni_ppl,
-            "perplexity_ratio": uni_ppl / model_ppl}
+    return {
+        "tokens": count,
+        "model_perplexity": model_ppl,
+        "unigram_perplexity": uni_ppl,
+        "perplexity_ratio": uni_ppl / model_ppl,
+    }

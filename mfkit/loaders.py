@@ -50,7 +50,9 @@ class LengthGroupedSampler(Sampler[int]):
     accelerate's sharding (whole batches dealt to processes in turn) keeps them intact.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, pool_batches: int = 50) -> None:
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int = 0, pool_batches: int = 50
+    ) -> None:
         check_positive("batch_size", batch_size)
         check_positive("pool_batches", pool_batches)
         self.lengths = [int(n) for n in lengths]
@@ -70,7 +72,9 @@ class LengthGroupedSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         pool = self.batch_size * self.pool_batches  # a multiple of batch_size: no batch spans two pools
-        longest_first = [sorted(order[s : s + pool], key=lambda i: -self.lengths[i]) for s in range(0, len(order), pool)]
+        longest_first = [
+            sorted(order[s : s + pool], key=lambda i: -self.lengths[i]) for s in range(0, len(order), pool)
+        ]
         grouped = [i for chunk in longest_first for i in chunk]
         batches = [grouped[s : s + self.batch_size] for s in range(0, len(grouped), self.batch_size)]
         tail = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []

@@ -78,14 +78,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def classification_scores(labels: Sequence[int], predictions: Sequence[int], positive: int = 1) -> dict[str, float]:
+def classification_scores(
+    labels: Sequence[int], predictions: Sequence[int], positive: int = 1
+) -> dict[str, float]:
     """Accuracy plus precision, recall and F1 of the `positive` class (and macro F1)."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     if labels.shape != predictions.shape or labels.size == 0:
-        raise MfkitError(f"labels {labels.shape} and predictions {predictions.shape} differ or are empty.", "pass one prediction per label.")
-    p, r, f, _ = precision_recall_fscore_support(labels, predictions, labels=[positive], average=None, zero_division=0)
+        raise MfkitError(
+            f"labels {labels.shape} and predictions {predictions.shape} differ or are empty.",
+            "pass one prediction per label.",
+        )
+    p, r, f, _ = precision_recall_fscore_support(
+        labels, predictions, labels=[positive], average=None, zero_division=0
+    )
     return {
         "accuracy": float(accuracy_score(labels, predictions)),
         "precision": float(p[0]),
@@ -119,10 +126,16 @@ def token_nll(
         ids = batch["input_ids"].to(device)
         labels = batch.get("labels", ids).to(device)
         mask = batch.get("attention_mask")
-        logits = model(input_ids=ids, attention_mask=mask.to(device) if mask is not None else None).logits.float()
+        logits = model(
+            input_ids=ids, attention_mask=mask.to(device) if mask is not None else None
+        ).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-        per_block = torch.stack([losses.sum(dim=1).double(), (shift_labels != -100).sum(dim=1).double()], dim=1)
+        losses = F.cross_entropy(
+            shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
+        )
+        per_block = torch.stack(
+            [losses.sum(dim=1).double(), (shift_labels != -100).sum(dim=1).double()], dim=1
+        )
         per_block = gather_rows(per_block, accelerator)
         total += float(per_block[:, 0].sum())
         count += int(per_block[:, 1].sum())
@@ -132,7 +145,12 @@ def token_nll(
     return total, count
 
 
-def perplexity(model: nn.Module, loader: DataLoader, device: torch.device | str | None = None, max_batches: int | None = None) -> float:
+def perplexity(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+) -> float:
     """exp(mean next-token NLL): the number of equally likely tokens the model is, on average, choosing among."""
     total, count = token_nll(model, loader, device, max_batches)
     return math.exp(total / count)
@@ -154,7 +172,9 @@ class UnigramLM:
         return self
 
     def log_prob(self, token: int) -> float:
-        return math.log((self.counts[token] + self.smoothing) / (self.total + self.smoothing * self.vocab_size))
+        return math.log(
+            (self.counts[token] + self.smoothing) / (self.total + self.smoothing * self.vocab_size)
+        )
 
     def perplexity(self, token_ids: Iterable[int]) -> float:
         """exp of the mean NLL over `token_ids`."""

@@ -95,9 +95,16 @@ def model_path(name: str, artifacts: str | Path | None = None) -> str:
 def _hub_error(name: str, exc: Exception) -> MfkitError:
     embedded = ", ".join(EMBEDDED)
     if Path(name).expanduser().exists():
-        return MfkitError(f"{name} exists but is not a loadable model folder ({exc}).", "check it holds config.json and weights.")
+        return MfkitError(
+            f"{name} exists but is not a loadable model folder ({exc}).",
+            "check it holds config.json and weights.",
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    where = "the hub is switched off (HF_HUB_OFFLINE)" if offline else "it is not a local folder and the hub could not serve it"
+    where = (
+        "the hub is switched off (HF_HUB_OFFLINE)"
+        if offline
+        else "it is not a local folder and the hub could not serve it"
+    )
     return MfkitError(
         f"Model {name!r} could not be loaded: {where}.",
         f"use an embedded model ({embedded}), a local folder, or a hub name on a machine with internet.",
@@ -122,7 +129,9 @@ def _check_folder(name: str, path: str, needs: tuple[str, ...], what: str) -> No
 def _from_pretrained(auto_class: Any, name: str, artifacts: str | Path | None, **kwargs: Any) -> Any:
     path = model_path(name, artifacts)
     tokenizer = auto_class.__name__.endswith("Tokenizer")
-    _check_folder(name, path, TOKENIZER_FILES if tokenizer else ("config.json",), "tokenizer" if tokenizer else "model")
+    _check_folder(
+        name, path, TOKENIZER_FILES if tokenizer else ("config.json",), "tokenizer" if tokenizer else "model"
+    )
     try:
         return auto_class.from_pretrained(path, **kwargs)
     except OSError as exc:

@@ -41,7 +41,9 @@ def parameter_groups(
     parameters whose gradient is None, so frozen ones cost nothing and are not decayed).
     """
     if not any(p.requires_grad for p in model.parameters()):
-        raise MfkitError("The model has no trainable parameters.", "unfreeze some parameters before training.")
+        raise MfkitError(
+            "The model has no trainable parameters.", "unfreeze some parameters before training."
+        )
     groups: dict[tuple[str, float, float], list[nn.Parameter]] = {}
     names: dict[tuple[str, float, float], list[str]] = {}
     for name, param in model.named_parameters():
@@ -65,7 +67,9 @@ def fused_adamw_supported(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and torch.__version__ >= (2, 4))
 
 
-def make_optimizer(groups: Iterable[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    groups: Iterable[dict], lr: float, betas: tuple[float, float], device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW with the fused kernel where torch has one (CUDA, CPU), else the multi-tensor `foreach` kernel.
 
     The fused kernel does the whole update of every parameter in one pass over memory; for MiniLM's 22.7M

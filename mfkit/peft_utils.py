@@ -51,14 +51,21 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 # choice, `query` and `value` only, is one `target_modules=` away). IA3: keys, values and the feed-forward output,
 # whose *input* it rescales (the `feedforward` entry).
 TARGETS: dict[str, dict[str, list[str]]] = {
-    "bert": {"lora": ["query", "key", "value", "dense"], "ia3": ["key", "value", "output.dense"],
-             "ia3_feedforward": ["output.dense"]},
+    "bert": {
+        "lora": ["query", "key", "value", "dense"],
+        "ia3": ["key", "value", "output.dense"],
+        "ia3_feedforward": ["output.dense"],
+    },
     "llama": {
         "lora": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "ia3": ["k_proj", "v_proj", "down_proj"],
         "ia3_feedforward": ["down_proj"],
     },
-    "gpt2": {"lora": ["c_attn", "c_proj", "c_fc"], "ia3": ["c_attn", "mlp.c_proj"], "ia3_feedforward": ["mlp.c_proj"]},
+    "gpt2": {
+        "lora": ["c_attn", "c_proj", "c_fc"],
+        "ia3": ["c_attn", "mlp.c_proj"],
+        "ia3_feedforward": ["mlp.c_proj"],
+    },
 }
 HEAD_NAMES = ("classifier", "score")
 DEFAULT_ALPHA = 8.0  # LoRA's alpha, the same for every rank
@@ -137,8 +144,14 @@ def peft_config(
     feedforward = extra.pop("feedforward_modules", feedforward)
     common = {"task_type": task, **extra}
     if method == "lora":
-        return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                          modules_to_save=save, **common)
+        return LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            modules_to_save=save,
+            **common,
+        )
     if method == "adalora":
         if not total_steps:
             raise MfkitError(
@@ -146,8 +159,13 @@ def peft_config(
                 "pass total_steps= (the max_steps of training).",
             )
         check_positive("total_steps", total_steps)
-        settings = {"init_r": math.ceil(1.5 * r), "target_r": r, "tinit": total_steps // 10,
-                    "tfinal": total_steps // 5, "deltaT": max(1, total_steps // 50)}
+        settings = {
+            "init_r": math.ceil(1.5 * r),
+            "target_r": r,
+            "tinit": total_steps // 10,
+            "tfinal": total_steps // 5,
+            "deltaT": max(1, total_steps // 50),
+        }
         settings.update({k: common.pop(k) for k in list(common) if k in settings})
         if settings["tinit"] >= total_steps - settings["tfinal"]:
             raise MfkitError(
@@ -155,10 +173,19 @@ def peft_config(
                 "has no steps left for reallocating ranks.",
                 "pass smaller tinit= / tfinal=, or train for more steps.",
             )
-        return AdaLoraConfig(lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                             modules_to_save=save, total_step=total_steps, **settings, **common)
+        return AdaLoraConfig(
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            modules_to_save=save,
+            total_step=total_steps,
+            **settings,
+            **common,
+        )
     if method == "ia3":
-        return IA3Config(target_modules=targets, feedforward_modules=feedforward, modules_to_save=save, **common)
+        return IA3Config(
+            target_modules=targets, feedforward_modules=feedforward, modules_to_save=save, **common
+        )
     check_positive("num_virtual_tokens", num_virtual_tokens)
     config_class = PrefixTuningConfig if method == "prefix" else PromptTuningConfig
     return config_class(num_virtual_tokens=num_virtual_tokens, modules_to_save=save, **common)
@@ -194,11 +221,23 @@ def build_peft_model(
     """
     from peft import get_peft_model
 
-    config = peft_config(model, method, task=task, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
-                         modules_to_save=modules_to_save, num_virtual_tokens=num_virtual_tokens,
-                         total_steps=total_steps, **extra)
+    config = peft_config(
+        model,
+        method,
+        task=task,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+        num_virtual_tokens=num_virtual_tokens,
+        total_steps=total_steps,
+        **extra,
+    )
     try:
-        with warnings.catch_warnings():  # transformers deprecates an attribute peft still reads; not the user's concern
+        with (
+            warnings.catch_warnings()
+        ):  # transformers deprecates an attribute peft still reads; not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             return get_peft_model(model, config)
     except ValueError as exc:
@@ -282,7 +321,9 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
 
 
 @torch.no_grad()
-def merge_check(peft_model: nn.Module, batch: Mapping[str, torch.Tensor], copy_model: bool = True) -> MergeCheck:
+def merge_check(
+    peft_model: nn.Module, batch: Mapping[str, torch.Tensor], copy_model: bool = True
+) -> MergeCheck:
     """Merge a LoRA-style adapter into its base weights and compare logits on `batch` (labels are ignored).
 
     `merge_and_unload` computes W0 + (alpha/r) B A once and puts plain linear layers back, so the merged model
@@ -346,9 +387,14 @@ class AdaLoraBudget(Callback):
     def on_train_begin(self, state: TrainState) -> None:
         model = state.accelerator.unwrap_model(state.model)
         if not hasattr(getattr(model, "base_model", None), "update_and_allocate"):
-            raise MfkitError("AdaLoraBudget was given a model without AdaLoRA adapters.", "use it only for method='adalora'.")
+            raise MfkitError(
+                "AdaLoraBudget was given a model without AdaLoRA adapters.",
+                "use it only for method='adalora'.",
+            )
         self._state, self._model = state, model
-        optimizer = getattr(state.optimizer, "optimizer", state.optimizer)  # the torch optimizer inside accelerate's
+        optimizer = getattr(
+            state.optimizer, "optimizer", state.optimizer
+        )  # the torch optimizer inside accelerate's
         self._handle = optimizer.register_step_post_hook(self.allocate)
 
     def allocate(self, optimizer: torch.optim.Optimizer | None = None, *_: Any) -> None:
@@ -357,7 +403,9 @@ class AdaLoraBudget(Callback):
         if not gradients_finite(trainable):
             self.skipped_steps.append(self._state.step)
             return
-        scale = getattr(optimizer, "grad_scale", None)  # set by GradScaler for fused optimizers, during step()
+        scale = getattr(
+            optimizer, "grad_scale", None
+        )  # set by GradScaler for fused optimizers, during step()
         if scale is not None:
             for p in trainable:
                 if p.grad is not None:
@@ -392,8 +440,10 @@ def adalora_ranks(peft_model: nn.Module, adapter: str = "default") -> dict[str, 
 def qlora_support() -> tuple[bool, str]:
     """(True, '') where 4-bit loading works (a CUDA GPU and bitsandbytes); else (False, the reason)."""
     if not torch.cuda.is_available():
-        return False, ("4-bit (QLoRA) loading needs a CUDA GPU: bitsandbytes' 4-bit kernels run there; this "
-                       "machine has none, so the 4-bit run is skipped.")
+        return False, (
+            "4-bit (QLoRA) loading needs a CUDA GPU: bitsandbytes' 4-bit kernels run there; this "
+            "machine has none, so the 4-bit run is skipped."
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         return False, "4-bit (QLoRA) loading needs the bitsandbytes package: pip install bitsandbytes."
     return True, ""
@@ -415,8 +465,12 @@ def bnb_4bit_config(compute_dtype: torch.dtype | None = None):
 
     if compute_dtype is None:
         compute_dtype = dtype_of_precision(pick_precision("cuda" if torch.cuda.is_available() else "cpu"))
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def kbit_device_map() -> dict[str, int | str]:

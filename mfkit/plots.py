@@ -52,7 +52,9 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str], ax=None, title: st
     ax = ax or plt.subplots(figsize=(3.5, 3.2))[1]
     ax.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black")
+        ax.text(
+            j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black"
+        )
     ax.set_xticks(range(len(labels)), labels)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")

@@ -32,61 +32,196 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "02_pretraining-tiny-lm": {
         # cpu: ~1.6M training tokens (about 2 passes over Austen); more small steps beat fewer large ones here.
-        "smoke": {"max_steps": 120, "batch_size": 16, "block_size": 64, "n_layer": 2, "n_embd": 64, "n_head": 2,
-                  "lr": 5e-3, "eval_every": 40, "eval_batches": 8},
-        "cpu": {"max_steps": 800, "batch_size": 16, "block_size": 128, "n_layer": 4, "n_embd": 128, "n_head": 4,
-                "lr": 2e-3, "eval_every": 200, "eval_batches": 25},
-        "gpu": {"max_steps": 3000, "batch_size": 32, "block_size": 256, "n_layer": 6, "n_embd": 384, "n_head": 6,
-                "lr": 1e-3, "eval_every": 250, "eval_batches": 50},
+        "smoke": {
+            "max_steps": 120,
+            "batch_size": 16,
+            "block_size": 64,
+            "n_layer": 2,
+            "n_embd": 64,
+            "n_head": 2,
+            "lr": 5e-3,
+            "eval_every": 40,
+            "eval_batches": 8,
+        },
+        "cpu": {
+            "max_steps": 800,
+            "batch_size": 16,
+            "block_size": 128,
+            "n_layer": 4,
+            "n_embd": 128,
+            "n_head": 4,
+            "lr": 2e-3,
+            "eval_every": 200,
+            "eval_batches": 25,
+        },
+        "gpu": {
+            "max_steps": 3000,
+            "batch_size": 32,
+            "block_size": 256,
+            "n_layer": 6,
+            "n_embd": 384,
+            "n_head": 6,
+            "lr": 1e-3,
+            "eval_every": 250,
+            "eval_batches": 50,
+        },
     },
     "03_full-finetuning": {
-        "smoke": {"max_steps": 24, "batch_size": 16, "max_length": 64, "lr": 1e-4, "warmup": 0.1, "eval_every": 12,
-                  "train_limit": 800, "eval_limit": 160, "val_limit": None, "patience": 3},
+        "smoke": {
+            "max_steps": 24,
+            "batch_size": 16,
+            "max_length": 64,
+            "lr": 1e-4,
+            "warmup": 0.1,
+            "eval_every": 12,
+            "train_limit": 800,
+            "eval_limit": 160,
+            "val_limit": None,
+            "patience": 3,
+        },
         # cpu: sized so that 04 and 05, which train several models on this same budget, fit 10 minutes on 2 cores.
-        "cpu": {"max_steps": 160, "batch_size": 16, "max_length": 64, "lr": 2e-4, "warmup": 0.1, "eval_every": 40,
-                "train_limit": None, "eval_limit": None, "val_limit": 300, "patience": 3},
+        "cpu": {
+            "max_steps": 160,
+            "batch_size": 16,
+            "max_length": 64,
+            "lr": 2e-4,
+            "warmup": 0.1,
+            "eval_every": 40,
+            "train_limit": None,
+            "eval_limit": None,
+            "val_limit": 300,
+            "patience": 3,
+        },
         # gpu: sized for a free Colab T4 (16 GB, fp16 autocast): about 4 epochs; notebooks 04 and 05 reuse this budget.
-        "gpu": {"max_steps": 600, "batch_size": 32, "max_length": 256, "lr": 5e-5, "warmup": 0.1, "eval_every": 100,
-                "train_limit": None, "eval_limit": None, "val_limit": None, "patience": 4},
+        "gpu": {
+            "max_steps": 600,
+            "batch_size": 32,
+            "max_length": 256,
+            "lr": 5e-5,
+            "warmup": 0.1,
+            "eval_every": 100,
+            "train_limit": None,
+            "eval_limit": None,
+            "val_limit": None,
+            "patience": 4,
+        },
     },
     # 04 runs on notebook 03's budget (steps, batch, length, data, seed: read from 03's card); these are its own knobs.
     "04_multistep-finetuning": {
-        "smoke": {"top_lr": 1e-3, "lr_divisor": 2.6, "cut_frac": 0.1, "stlr_ratio": 32, "head_steps": 4,
-                  "unfreeze_every": 2, "head_epochs": 2},
-        "cpu": {"top_lr": 1e-3, "lr_divisor": 2.6, "cut_frac": 0.1, "stlr_ratio": 32, "head_steps": 30,
-                "unfreeze_every": 15, "head_epochs": 5},
-        "gpu": {"top_lr": 1e-3, "lr_divisor": 2.6, "cut_frac": 0.1, "stlr_ratio": 32, "head_steps": 100,
-                "unfreeze_every": 50, "head_epochs": 10},
+        "smoke": {
+            "top_lr": 1e-3,
+            "lr_divisor": 2.6,
+            "cut_frac": 0.1,
+            "stlr_ratio": 32,
+            "head_steps": 4,
+            "unfreeze_every": 2,
+            "head_epochs": 2,
+        },
+        "cpu": {
+            "top_lr": 1e-3,
+            "lr_divisor": 2.6,
+            "cut_frac": 0.1,
+            "stlr_ratio": 32,
+            "head_steps": 30,
+            "unfreeze_every": 15,
+            "head_epochs": 5,
+        },
+        "gpu": {
+            "top_lr": 1e-3,
+            "lr_divisor": 2.6,
+            "cut_frac": 0.1,
+            "stlr_ratio": 32,
+            "head_steps": 100,
+            "unfreeze_every": 50,
+            "head_epochs": 10,
+        },
     },
     # 05 trains its adapters on notebook 03's budget (read from 03's card); these are its own knobs.
     "05_peft-lora": {
-        "smoke": {"seeds": [0], "lora_ranks": [4], "methods": ["adalora", "ia3", "prefix", "prompt"], "rank": 4,
-                  "virtual_tokens": 8,
-                  "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}},
+        "smoke": {
+            "seeds": [0],
+            "lora_ranks": [4],
+            "methods": ["adalora", "ia3", "prefix", "prompt"],
+            "rank": 4,
+            "virtual_tokens": 8,
+            "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2},
+        },
         # cpu: AdaLoRA at 1e-3 collapsed to one class on both seeds at this budget in development; add it back with
         # METHODS=["adalora", "ia3"] (the table flags collapsed runs). Six runs of 03's budget fit 10 minutes.
-        "cpu": {"seeds": [0, 1], "lora_ranks": [4, 16], "methods": ["ia3"], "rank": 4,
-                "virtual_tokens": 16,
-                "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}},
-        "gpu": {"seeds": [0, 1], "lora_ranks": [2, 4, 16], "methods": ["adalora", "ia3", "prefix", "prompt"],
-                "rank": 4, "virtual_tokens": 16,
-                "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}},
+        "cpu": {
+            "seeds": [0, 1],
+            "lora_ranks": [4, 16],
+            "methods": ["ia3"],
+            "rank": 4,
+            "virtual_tokens": 16,
+            "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2},
+        },
+        "gpu": {
+            "seeds": [0, 1],
+            "lora_ranks": [2, 4, 16],
+            "methods": ["adalora", "ia3", "prefix", "prompt"],
+            "rank": 4,
+            "virtual_tokens": 16,
+            "lrs": {"lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2},
+        },
     },
     "06_instruction-tuning": {
-        "smoke": {"max_steps": 2, "batch_size": 2, "lr": 2e-3, "rank": 8, "max_length": 128, "train_limit": 16,
-                  "eval_verses": 4, "max_new_tokens": 16},
-        "cpu": {"max_steps": 80, "batch_size": 4, "lr": 2e-3, "rank": 8, "max_length": 160, "train_limit": 400,
-                "eval_verses": 48, "max_new_tokens": 64},
-        "gpu": {"max_steps": 300, "batch_size": 16, "lr": 1e-3, "rank": 8, "max_length": 192, "train_limit": 5000,
-                "eval_verses": 200, "max_new_tokens": 96},
+        "smoke": {
+            "max_steps": 2,
+            "batch_size": 2,
+            "lr": 2e-3,
+            "rank": 8,
+            "max_length": 128,
+            "train_limit": 16,
+            "eval_verses": 4,
+            "max_new_tokens": 16,
+        },
+        "cpu": {
+            "max_steps": 80,
+            "batch_size": 4,
+            "lr": 2e-3,
+            "rank": 8,
+            "max_length": 160,
+            "train_limit": 400,
+            "eval_verses": 48,
+            "max_new_tokens": 64,
+        },
+        "gpu": {
+            "max_steps": 300,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "rank": 8,
+            "max_length": 192,
+            "train_limit": 5000,
+            "eval_verses": 200,
+            "max_new_tokens": 96,
+        },
     },
     "07_prompting-few-shot": {
-        "smoke": {"shots": (0, 2), "draws": 1, "templates": ("spam-ham", "yes-no"), "eval_limit": 16,
-                  "max_chars": 200, "max_context_tokens": 2048},
-        "cpu": {"shots": (0, 2, 8), "draws": 2, "templates": ("spam-ham", "yes-no", "folder-a-b"),
-                "eval_limit": 100, "max_chars": 200, "max_context_tokens": 2048},
-        "gpu": {"shots": (0, 1, 2, 4, 8), "draws": 3, "templates": ("spam-ham", "yes-no", "folder-a-b"),
-                "eval_limit": 300, "max_chars": 400, "max_context_tokens": 4096},
+        "smoke": {
+            "shots": (0, 2),
+            "draws": 1,
+            "templates": ("spam-ham", "yes-no"),
+            "eval_limit": 16,
+            "max_chars": 200,
+            "max_context_tokens": 2048,
+        },
+        "cpu": {
+            "shots": (0, 2, 8),
+            "draws": 2,
+            "templates": ("spam-ham", "yes-no", "folder-a-b"),
+            "eval_limit": 100,
+            "max_chars": 200,
+            "max_context_tokens": 2048,
+        },
+        "gpu": {
+            "shots": (0, 1, 2, 4, 8),
+            "draws": 3,
+            "templates": ("spam-ham", "yes-no", "folder-a-b"),
+            "eval_limit": 300,
+            "max_chars": 400,
+            "max_context_tokens": 4096,
+        },
     },
 }
 
@@ -164,7 +299,9 @@ def _check_value(label: str, value: Any, example: Any, zero_ok: bool) -> tuple[A
             return value, f"{label}={value!r} must be a finite number {bound}"
         return value, None
     if isinstance(example, str):
-        return value, None if isinstance(value, str) and value else f"{label}={value!r} must be a non-empty string"
+        return value, None if isinstance(
+            value, str
+        ) and value else f"{label}={value!r} must be a non-empty string"
     if isinstance(example, list | tuple):
         if not isinstance(value, list | tuple) or not value:
             return value, f"{label}={value!r} must be a non-empty list like {list(example)}"
@@ -193,7 +330,9 @@ def _check_knob(notebook: str, name: str, value: Any, profile_value: Any) -> tup
         ok = isinstance(value, str) and value or (name == "positive_label" and _is_number(value))
         return value, None if ok else f"{name}={value!r} must be a column or label name (a string)"
     if is_limit(notebook, name):
-        if (isinstance(value, str) and value.strip().lower() in ALL_WORDS) or (value == 0 and _is_number(value)):
+        if (isinstance(value, str) and value.strip().lower() in ALL_WORDS) or (
+            value == 0 and _is_number(value)
+        ):
             return None, None
         return _check_value(name, value, 1, zero_ok=False)
     example = next((e for e in _examples(notebook, name) if e is not None), None)

@@ -23,8 +23,12 @@ from .errors import MfkitError
 def chat_prompt(tokenizer, user_text: str, system: str | None = None) -> str:
     """`user_text` wrapped in the model's chat template, ending where the assistant's answer starts."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise MfkitError("This tokenizer has no chat template.", "use a plain prompt, or an instruction-tuned model.")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        raise MfkitError(
+            "This tokenizer has no chat template.", "use a plain prompt, or an instruction-tuned model."
+        )
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user_text}
+    ]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -17,7 +17,9 @@ from .results import current_results
 
 def fill(text: str, values: dict[str, Any]) -> str:
     """`text` with every `{name:format}` placeholder replaced by `values[name]` formatted as asked."""
-    missing = sorted({name for _, name, _, _ in string.Formatter().parse(text) if name and name not in values})
+    missing = sorted(
+        {name for _, name, _, _ in string.Formatter().parse(text) if name and name not in values}
+    )
     if missing:
         raise MfkitError(
             f"The takeaways quote {missing}, which this run did not record.",

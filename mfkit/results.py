@@ -45,7 +45,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, numbers.Real):
         value = float(value)
         if math.isnan(value):
-            raise MfkitError("record() got NaN.", "check the computation that produced it; NaN is never a result.")
+            raise MfkitError(
+                "record() got NaN.", "check the computation that produced it; NaN is never a result."
+            )
         if math.isinf(value):
             raise MfkitError(
                 f"record() got {value} (infinity), which standard JSON cannot hold.",
@@ -80,7 +82,9 @@ def _write_ledger(notebook: str, name: str, value: Any) -> None:
 def _notebook(notebook: str | None) -> str:
     chosen = notebook or _current["notebook"]
     if chosen is None:
-        raise MfkitError("record() does not know which notebook is running.", "call mfkit.configure(...) first.")
+        raise MfkitError(
+            "record() does not know which notebook is running.", "call mfkit.configure(...) first."
+        )
     return chosen
 
 

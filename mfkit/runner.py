@@ -91,7 +91,9 @@ def _read(path: Path) -> Any:
     try:
         return nbformat.read(path, as_version=4)
     except Exception as exc:  # nbformat raises several types for a broken file
-        raise MfkitError(f"{path} is not a readable notebook ({exc}).", "open it in Jupyter and save it again.") from exc
+        raise MfkitError(
+            f"{path} is not a readable notebook ({exc}).", "open it in Jupyter and save it again."
+        ) from exc
 
 
 def _requires(path: Path, meta: Mapping[str, Any]) -> tuple[str, ...]:
@@ -109,11 +111,19 @@ def parameter_names(source: str) -> frozenset[str]:
     """The names a `parameters` cell assigns (`NAME = value`, `NAME: type = value`)."""
     try:
         tree = ast.parse(source)
-    except SyntaxError:  # e.g. an IPython magic in the cell: fall back to the lines that look like assignments
+    except (
+        SyntaxError
+    ):  # e.g. an IPython magic in the cell: fall back to the lines that look like assignments
         return frozenset(re.findall(r"^([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)", source, flags=re.MULTILINE))
     names: set[str] = set()
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
         for target in targets:
             names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
     return frozenset(names)
@@ -129,12 +139,18 @@ def discover(folder: str | os.PathLike | None = None) -> list[Notebook]:
     """The `NN_slug.ipynb` notebooks of `folder` (default: the repository's), in chain order."""
     folder = Path(folder).expanduser().resolve() if folder is not None else chain_notebooks_dir()
     if not folder.is_dir():
-        raise MfkitError(f"Notebooks folder {folder} does not exist.", "pass --notebooks DIR with the NN_slug.ipynb files.")
+        raise MfkitError(
+            f"Notebooks folder {folder} does not exist.", "pass --notebooks DIR with the NN_slug.ipynb files."
+        )
     paths = sorted(p for p in folder.iterdir() if NOTEBOOK_PATTERN.match(p.name))
     if not paths:
-        raise MfkitError(f"No NN_slug.ipynb notebooks in {folder}.", "pass --notebooks DIR with the numbered notebooks.")
+        raise MfkitError(
+            f"No NN_slug.ipynb notebooks in {folder}.", "pass --notebooks DIR with the numbered notebooks."
+        )
     read = {p: _read(p) for p in paths}
-    found = [Notebook(p.name[:2], p.stem, p, _requires(p, nb.metadata), _parameters(nb)) for p, nb in read.items()]
+    found = [
+        Notebook(p.name[:2], p.stem, p, _requires(p, nb.metadata), _parameters(nb)) for p, nb in read.items()
+    ]
     stems = {nb.stem for nb in found}
     for nb in found:
         unknown = [r for r in nb.requires if r not in stems]
@@ -150,7 +166,9 @@ def _number(option: str, value: str | int) -> int:
     """A notebook number given on the command line (`3`, `03`)."""
     text = str(value).strip()
     if not text.isdigit():
-        raise MfkitError(f"{option} {value!r} is not a notebook number.", f"write it as two digits, e.g. {option} 03.")
+        raise MfkitError(
+            f"{option} {value!r} is not a notebook number.", f"write it as two digits, e.g. {option} 03."
+        )
     return int(text)
 
 
@@ -180,7 +198,9 @@ def select(
     low = _number("--from", start) if start is not None else None
     high = _number("--to", end) if end is not None else None
     if low is not None and high is not None and low > high:
-        raise MfkitError(f"--from {start} comes after --to {end}.", "give --from a number no larger than --to.")
+        raise MfkitError(
+            f"--from {start} comes after --to {end}.", "give --from a number no larger than --to."
+        )
     chosen = list(notebooks)
     if only is not None:
         tokens = [str(t).strip() for t in only]
@@ -191,7 +211,11 @@ def select(
                 f"use the numbers of the notebooks present: {', '.join(nb.number for nb in notebooks)}.",
             )
         chosen = [nb for nb in chosen if any(_matches(nb, t) for t in tokens)]
-    chosen = [nb for nb in chosen if (low is None or int(nb.number) >= low) and (high is None or int(nb.number) <= high)]
+    chosen = [
+        nb
+        for nb in chosen
+        if (low is None or int(nb.number) >= low) and (high is None or int(nb.number) <= high)
+    ]
     if not chosen:
         raise MfkitError(
             "No notebook is selected by that --only/--from/--to combination.",
@@ -227,7 +251,9 @@ def _literal(text: str) -> Any:
 def _check_passable(key: str, value: Any) -> None:
     """Refuse values papermill would silently turn into strings (tuples, sets, bytes, complex)."""
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    if not isinstance(value, PARAM_TYPES) or (isinstance(value, dict) and not all(isinstance(k, str) for k in value)):
+    if not isinstance(value, PARAM_TYPES) or (
+        isinstance(value, dict) and not all(isinstance(k, str) for k in value)
+    ):
         raise MfkitError(
             f"--param {key}={value!r}: a {type(value).__name__} cannot be passed to a notebook.",
             "use a string, number, True/False/None, a list [...] or a dict with string keys.",
@@ -267,7 +293,8 @@ def check_params(params: Mapping[str, Any], chosen: Sequence[Notebook]) -> None:
     names = ", ".join(nb.stem for nb in chosen)
     raise MfkitError(
         f"--param {', '.join(unknown)}: no selected notebook ({names}) has "
-        f"{'this parameter' if len(unknown) == 1 else 'these parameters'}" + (f" (did you mean {near})" if near else "")
+        f"{'this parameter' if len(unknown) == 1 else 'these parameters'}"
+        + (f" (did you mean {near})" if near else "")
         + ".",
         f"use parameters from the notebooks' parameters cells: {', '.join(sorted(known - set(ALWAYS_INJECTED)))}.",
     )
@@ -280,9 +307,13 @@ def params_for(nb: Notebook, injected: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_folders(out_dir: Path, artifacts: Path) -> None:
     """Stop before any notebook runs when the output or artifacts folder cannot be written."""
-    check_writable(out_dir / "notebooks", "The output folder", "pass --output DIR with a folder you can write to")
     check_writable(
-        artifacts / "results", "ARTIFACTS_DIR", "pass --param ARTIFACTS_DIR=DIR with a folder you can write to"
+        out_dir / "notebooks", "The output folder", "pass --output DIR with a folder you can write to"
+    )
+    check_writable(
+        artifacts / "results",
+        "ARTIFACTS_DIR",
+        "pass --param ARTIFACTS_DIR=DIR with a folder you can write to",
     )
 
 
@@ -354,7 +385,11 @@ def describe_failure(nb: Notebook, exc: Exception, executed: Path) -> str:
         where = f"cell {number}" if number is not None else "the injected parameters cell"
         first = next((line for line in str(exc.source).splitlines() if line.strip()), "")
         cause = root_cause(exc.traceback or [])
-        caused = f"\n  caused by {_short(cause, 1)}" if cause and cause.split(":", 1)[-1].strip() not in exc.evalue else ""
+        caused = (
+            f"\n  caused by {_short(cause, 1)}"
+            if cause and cause.split(":", 1)[-1].strip() not in exc.evalue
+            else ""
+        )
         return (
             f"{nb.stem} failed in {where} (In [{exc.exec_count}]: {_short(first, 1, 80)}): "
             f"{exc.ename}: {_short(exc.evalue)}{caused}\n  executed notebook: {executed}"
@@ -362,7 +397,9 @@ def describe_failure(nb: Notebook, exc: Exception, executed: Path) -> str:
     return f"{nb.stem} failed: {type(exc).__name__}: {_short(str(exc), 1)}\n  executed notebook: {executed}"
 
 
-def _execute(nb: Notebook, executed: Path, parameters: dict[str, Any], timeout: float | None, log_output: bool) -> None:
+def _execute(
+    nb: Notebook, executed: Path, parameters: dict[str, Any], timeout: float | None, log_output: bool
+) -> None:
     """Run one notebook with papermill, in its own folder, writing the executed copy to `executed`."""
     papermill.execute_notebook(
         nb.path,
@@ -389,7 +426,12 @@ def _read_metrics(stem: str, artifacts: Path) -> tuple[dict[str, Any], str | Non
 
 
 def run_notebook(
-    nb: Notebook, output: Path, artifacts: Path, parameters: dict[str, Any], timeout: float | None, log_output: bool
+    nb: Notebook,
+    output: Path,
+    artifacts: Path,
+    parameters: dict[str, Any],
+    timeout: float | None,
+    log_output: bool,
 ) -> Outcome:
     """Execute one notebook and collect its outcome; its earlier ledger is cleared first so numbers never mix."""
     executed = output / "notebooks" / nb.path.name
@@ -408,8 +450,15 @@ def run_notebook(
     if error is None:
         return Outcome(STATUS_OK, seconds, metrics, None, str(executed), run=_read_run(nb.stem, artifacts))
     moved = set_aside_failed(nb.stem, artifacts)  # a later notebook must not read a failed run's numbers
-    return Outcome(STATUS_FAILED, seconds, {}, error, str(executed), partial_metrics=metrics,
-                   partial_ledger=str(moved) if moved else None)
+    return Outcome(
+        STATUS_FAILED,
+        seconds,
+        {},
+        error,
+        str(executed),
+        partial_metrics=metrics,
+        partial_ledger=str(moved) if moved else None,
+    )
 
 
 def _read_run(stem: str, artifacts: Path) -> dict[str, Any]:
@@ -420,9 +469,13 @@ def _read_run(stem: str, artifacts: Path) -> dict[str, Any]:
         return {}
 
 
-def _skip_reason(nb: Notebook, graph: Mapping[str, Iterable[str]], outcomes: Mapping[str, Outcome]) -> str | None:
+def _skip_reason(
+    nb: Notebook, graph: Mapping[str, Iterable[str]], outcomes: Mapping[str, Outcome]
+) -> str | None:
     """Why `nb` must be skipped (a prerequisite failed or was skipped in this run), or None."""
-    blocked = sorted(p for p in prerequisites(nb.stem, graph) if p in outcomes and outcomes[p].status != STATUS_OK)
+    blocked = sorted(
+        p for p in prerequisites(nb.stem, graph) if p in outcomes and outcomes[p].status != STATUS_OK
+    )
     if not blocked:
         return None
     return "needs " + ", ".join(f"{p} ({outcomes[p].status})" for p in blocked)
@@ -517,7 +570,9 @@ def latest_run(root: str | os.PathLike | None = None) -> Path:
     root = Path(root).expanduser().resolve() if root is not None else runs_dir()
     found = sorted(root.rglob(SUMMARY_NAME), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if not found:
-        raise MfkitError(f"No run summary under {root}.", "run `mfkit run` first, or pass --output DIR of a run.")
+        raise MfkitError(
+            f"No run summary under {root}.", "run `mfkit run` first, or pass --output DIR of a run."
+        )
     return found[-1].parent
 
 
@@ -535,11 +590,15 @@ def load_summary(output: str | os.PathLike) -> dict[str, Any]:
     """Read `OUTPUT/summary.json` of an earlier run."""
     path = Path(output).expanduser().resolve() / SUMMARY_NAME
     if not path.is_file():
-        raise MfkitError(f"No run summary at {path}.", "run `mfkit run` first, or pass the --output DIR of that run.")
+        raise MfkitError(
+            f"No run summary at {path}.", "run `mfkit run` first, or pass the --output DIR of that run."
+        )
     try:
         summary = json.loads(path.read_text())
     except ValueError as exc:
-        raise MfkitError(f"{path} is not valid JSON ({exc}).", "rerun `mfkit run` to write it again.") from exc
+        raise MfkitError(
+            f"{path} is not valid JSON ({exc}).", "rerun `mfkit run` to write it again."
+        ) from exc
     if not isinstance(summary, dict) or not isinstance(summary.get("notebooks"), dict):
         raise MfkitError(f"{path} is not an mfkit run summary.", "rerun `mfkit run` to write it again.")
     return summary
@@ -577,7 +636,9 @@ def table_row(stem: str, entry: Mapping[str, Any], width: int) -> str:
 def partial_note(entry: Mapping[str, Any]) -> str:
     """The line that shows what a failed notebook recorded before failing, marked as not being its results."""
     where = f" (kept in {entry['partial_ledger']})" if entry.get("partial_ledger") else ""
-    return f"recorded before it failed, NOT results{where}: {format_metrics(entry.get('partial_metrics') or {})}"
+    return (
+        f"recorded before it failed, NOT results{where}: {format_metrics(entry.get('partial_metrics') or {})}"
+    )
 
 
 def indent(text: str, prefix: str = "    ") -> str:
@@ -597,10 +658,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     ]
     if problems:
         lines += [""] + [indent(p, "  ") for p in problems]
-    counts = {s: sum(e.get("status") == s for e in entries.values()) for s in (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)}
+    counts = {
+        s: sum(e.get("status") == s for e in entries.values())
+        for s in (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)
+    }
     verdict = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    lines.append(f"profile {summary.get('profile')}: {verdict} in {summary.get('seconds', 0.0):.1f} s "
-                 f"(summary: {Path(summary.get('output_dir', '.')) / SUMMARY_NAME})")
+    lines.append(
+        f"profile {summary.get('profile')}: {verdict} in {summary.get('seconds', 0.0):.1f} s "
+        f"(summary: {Path(summary.get('output_dir', '.')) / SUMMARY_NAME})"
+    )
     return "\n".join(lines)
 
 
@@ -622,7 +688,9 @@ def _knob_changes(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def format_comparison(a: Mapping[str, Any], b: Mapping[str, Any], label_a: str = "A", label_b: str = "B") -> str:
+def format_comparison(
+    a: Mapping[str, Any], b: Mapping[str, Any], label_a: str = "A", label_b: str = "B"
+) -> str:
     """Two runs side by side: for each notebook its metrics in A and B and the difference B - A.
 
     A notebook that did not run cleanly in one of them shows its status there instead of numbers; the knobs
@@ -638,23 +706,32 @@ def format_comparison(a: Mapping[str, Any], b: Mapping[str, Any], label_a: str =
         rows.append((stem, ea.get("status", "-"), eb.get("status", "-"), ""))
         for name in list(ma) + [n for n in mb if n not in ma]:
             va, vb = ma.get(name), mb.get(name)
-            rows.append((
-                f"  {name}",
-                format_value(va, 24) if name in ma else "-",
-                format_value(vb, 24) if name in mb else "-",
-                _difference(va, vb) if name in ma and name in mb else "",
-            ))
-        changes = _knob_changes(ea.get("run") or {}, eb.get("run") or {}) if ea.get("run") and eb.get("run") else []
+            rows.append(
+                (
+                    f"  {name}",
+                    format_value(va, 24) if name in ma else "-",
+                    format_value(vb, 24) if name in mb else "-",
+                    _difference(va, vb) if name in ma and name in mb else "",
+                )
+            )
+        changes = (
+            _knob_changes(ea.get("run") or {}, eb.get("run") or {}) if ea.get("run") and eb.get("run") else []
+        )
         if changes:
             notes[len(rows) - 1] = [f"  knobs that differ: {'; '.join(changes)}"]
-    widths = [max(len(r[i]) for r in [("notebook / metric", label_a, label_b, "B - A"), *rows]) for i in range(4)]
+    widths = [
+        max(len(r[i]) for r in [("notebook / metric", label_a, label_b, "B - A"), *rows]) for i in range(4)
+    ]
 
     def line(r: tuple[str, str, str, str]) -> str:
         return f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}".rstrip()
 
-    out = [f"A: {a.get('output_dir', label_a)} (profile {a.get('profile')}, started {a.get('started')})",
-           f"B: {b.get('output_dir', label_b)} (profile {b.get('profile')}, started {b.get('started')})", "",
-           line(("notebook / metric", "A", "B", "B - A"))]
+    out = [
+        f"A: {a.get('output_dir', label_a)} (profile {a.get('profile')}, started {a.get('started')})",
+        f"B: {b.get('output_dir', label_b)} (profile {b.get('profile')}, started {b.get('started')})",
+        "",
+        line(("notebook / metric", "A", "B", "B - A")),
+    ]
     for i, r in enumerate(rows):
         out.append(line(r))
         out.extend(notes.get(i, []))

@@ -49,7 +49,9 @@ class StrategyRun:
     name: str
     history: History
     test: dict[str, float]  # `scores_of` on the test split: loss, accuracy, precision, recall, f1, macro_f1
-    trainable: list[tuple[int, int]] = field(default_factory=list)  # (step, trainable parameters) at each change
+    trainable: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # (step, trainable parameters) at each change
     total_params: int = 0
 
     @property
@@ -104,8 +106,13 @@ def run_strategy(
     """
     counter = TrainableCounter()
     history = fit(
-        model, loaders.train, config, eval_loader=loaders.validation, eval_fn=eval_fn,
-        param_groups=param_groups, callbacks=[*callbacks, counter],
+        model,
+        loaders.train,
+        config,
+        eval_loader=loaders.validation,
+        eval_fn=eval_fn,
+        param_groups=param_groups,
+        callbacks=[*callbacks, counter],
     )
     test = scores_of(predict(model, loaders.test), positive=positive)
     _, total = count_parameters(model)
@@ -137,7 +144,9 @@ def timeline_parameters(unfreezing: GradualUnfreezing, sizes: dict[str, int]) ->
 
     `sizes` maps group names to parameter counts (see `group_sizes`); the top `k` groups are the trainable ones.
     """
-    return [(step, sum(sizes[g.name] for g in unfreezing.groups[-count:])) for step, count in unfreezing.timeline]
+    return [
+        (step, sum(sizes[g.name] for g in unfreezing.groups[-count:])) for step, count in unfreezing.timeline
+    ]
 
 
 def legend_names(param_groups: Sequence[dict]) -> list[str]:

@@ -40,7 +40,9 @@ def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device | str) 
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, batch: Mapping[str, torch.Tensor], repeats: int = 10, warmup: int = 2) -> float:
+def latency_ms(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], repeats: int = 10, warmup: int = 2
+) -> float:
     """Median wall time in milliseconds of one forward pass of `model` on `batch` (eval mode, no gradients).
 
     `warmup` untimed calls come first; every timed call is bracketed by `synchronize`, so on a GPU the time is
@@ -48,7 +50,9 @@ def latency_ms(model: nn.Module, batch: Mapping[str, torch.Tensor], repeats: int
     """
     check_positive("repeats", repeats)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise MfkitError(f"warmup={warmup!r} must be a whole number of calls, 0 or more.", "pass e.g. warmup=2.")
+        raise MfkitError(
+            f"warmup={warmup!r} must be a whole number of calls, 0 or more.", "pass e.g. warmup=2."
+        )
     device = next(model.parameters()).device
     inputs = model_inputs(batch, device)
     was_training = model.training
@@ -114,4 +118,3 @@ class MemoryWindow:
         if self.device.type != "cuda":
             return float("nan")
         return (torch.cuda.max_memory_allocated(self.device) - self.baseline_bytes) / 2**20
-

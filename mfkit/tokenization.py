@@ -192,7 +192,9 @@ class CharTokenizer:
     def __init__(self, characters: Iterable[str]) -> None:
         chars = sorted(set(characters) - {""})
         if any(len(c) != 1 for c in chars):
-            raise MfkitError("CharTokenizer takes single characters.", "pass an iterable of one-character strings.")
+            raise MfkitError(
+                "CharTokenizer takes single characters.", "pass an iterable of one-character strings."
+            )
         self.id_to_token: list[str] = [self.unk_token, *chars]
         self.token_to_id: dict[str, int] = {c: i for i, c in enumerate(self.id_to_token) if i}
 

@@ -59,8 +59,19 @@ EvalFn = Callable[[nn.Module, DataLoader], dict[str, float]]
 TRACKERS = ("tensorboard",)
 NONFINITE_CHECK_EVERY = 5  # steps between checks that the loss is still a finite number (one host sync each)
 # Settings that do not change what a run computes: a checkpoint written under other values of these may be resumed.
-NOT_FINGERPRINTED = ("log_every", "checkpoint_dir", "checkpoint_every", "resume", "progress", "cpu", "compile",
-                     "gradient_checkpointing", "log_with", "logging_dir", "run_name")
+NOT_FINGERPRINTED = (
+    "log_every",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "resume",
+    "progress",
+    "cpu",
+    "compile",
+    "gradient_checkpointing",
+    "log_with",
+    "logging_dir",
+    "run_name",
+)
 
 
 def _check_count(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
@@ -68,8 +79,10 @@ def _check_count(name: str, value: Any, minimum: int = 1, optional: bool = False
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise MfkitError(f"{name}={value!r} must be a whole number of at least {minimum}.",
-                         f"pass {name} as an int >= {minimum}" + (", or None." if optional else "."))
+        raise MfkitError(
+            f"{name}={value!r} must be a whole number of at least {minimum}.",
+            f"pass {name} as an int >= {minimum}" + (", or None." if optional else "."),
+        )
 
 
 def _check_number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
@@ -77,10 +90,15 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf, low
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
-        span = f"{'(' if low_open else '['}{low}, {high}]" if math.isfinite(high) else (
-            f"greater than {low}" if low_open else f"at least {low}")
-        raise MfkitError(f"{name}={value!r} must be a finite number {'in ' if math.isfinite(high) else ''}{span}.",
-                         f"pass {name} as a number {'in ' if math.isfinite(high) else ''}{span}.")
+        span = (
+            f"{'(' if low_open else '['}{low}, {high}]"
+            if math.isfinite(high)
+            else (f"greater than {low}" if low_open else f"at least {low}")
+        )
+        raise MfkitError(
+            f"{name}={value!r} must be a finite number {'in ' if math.isfinite(high) else ''}{span}.",
+            f"pass {name} as a number {'in ' if math.isfinite(high) else ''}{span}.",
+        )
 
 
 @dataclass
@@ -108,8 +126,12 @@ class TrainConfig:
     resume: bool = True  # False: start afresh even when checkpoint_dir holds a checkpoint (it is overwritten)
     progress: bool = True
     cpu: bool = False  # force the CPU even where a GPU is present
-    compile: bool = False  # torch.compile (inductor): faster steps after the first ones, which pay for compiling
-    gradient_checkpointing: bool = False  # recompute activations during backward: less memory, ~30% more compute
+    compile: bool = (
+        False  # torch.compile (inductor): faster steps after the first ones, which pay for compiling
+    )
+    gradient_checkpointing: bool = (
+        False  # recompute activations during backward: less memory, ~30% more compute
+    )
     log_with: str | None = None  # "tensorboard": also log train/eval scalars to event files under logging_dir
     logging_dir: str | Path | None = None
     run_name: str = "fit"  # the tracker's run (a subfolder of logging_dir)
@@ -121,10 +143,14 @@ class TrainConfig:
         _check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _check_number("warmup", self.warmup, 0.0)
         if self.warmup >= 1 and self.warmup != int(self.warmup):
-            raise MfkitError(f"warmup={self.warmup!r} is neither a fraction below 1 nor a whole number of steps.",
-                             "pass a fraction of max_steps in [0, 1) or a number of steps such as 100.")
+            raise MfkitError(
+                f"warmup={self.warmup!r} is neither a fraction below 1 nor a whole number of steps.",
+                "pass a fraction of max_steps in [0, 1) or a number of steps such as 100.",
+            )
         if not (isinstance(self.betas, tuple | list) and len(self.betas) == 2):
-            raise MfkitError(f"betas={self.betas!r} is not a pair.", "pass two numbers in [0, 1), e.g. (0.9, 0.999).")
+            raise MfkitError(
+                f"betas={self.betas!r} is not a pair.", "pass two numbers in [0, 1), e.g. (0.9, 0.999)."
+            )
         for i, beta in enumerate(self.betas):
             _check_number(f"betas[{i}]", beta, 0.0, 0.999999)
         _check_count("grad_accum", self.grad_accum)
@@ -138,16 +164,26 @@ class TrainConfig:
         check_choice("mode", self.mode, ("min", "max"))
         for name in ("restore_best", "resume", "progress", "cpu", "compile", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
-                raise MfkitError(f"{name}={getattr(self, name)!r} is not True or False.", f"pass {name}=True or False.")
+                raise MfkitError(
+                    f"{name}={getattr(self, name)!r} is not True or False.", f"pass {name}=True or False."
+                )
         if not isinstance(self.monitor, str) or not self.monitor:
-            raise MfkitError(f"monitor={self.monitor!r} is not a metric name.", "pass the name of a metric, e.g. 'eval_loss'.")
+            raise MfkitError(
+                f"monitor={self.monitor!r} is not a metric name.",
+                "pass the name of a metric, e.g. 'eval_loss'.",
+            )
         if self.patience is not None and self.eval_every is None:
-            raise MfkitError("patience is set but eval_every is not.", "set eval_every so there is something to early-stop on.")
+            raise MfkitError(
+                "patience is set but eval_every is not.",
+                "set eval_every so there is something to early-stop on.",
+            )
         if self.log_with is not None:
             check_choice("log_with", self.log_with, TRACKERS)
             if self.logging_dir is None:
-                raise MfkitError(f"log_with={self.log_with!r} needs a folder for its files.",
-                                 "pass logging_dir=, e.g. ARTIFACTS_DIR / 'runs'.")
+                raise MfkitError(
+                    f"log_with={self.log_with!r} needs a folder for its files.",
+                    "pass logging_dir=, e.g. ARTIFACTS_DIR / 'runs'.",
+                )
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that shape what a run computes (a resumed run must have the same)."""
@@ -220,7 +256,9 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The loss a transformers model computes itself when the batch carries `labels`."""
     out = model(**batch)
     if getattr(out, "loss", None) is None:
-        raise MfkitError("The model returned no loss.", "put `labels` in the batch, or pass loss_fn= to fit().")
+        raise MfkitError(
+            "The model returned no loss.", "put `labels` in the batch, or pass loss_fn= to fit()."
+        )
     return out.loss
 
 
@@ -240,7 +278,10 @@ def batch_rows(batch: Batch) -> int:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, loader: DataLoader, loss_fn: LossFn = default_loss, accelerator: Accelerator | None = None
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: LossFn = default_loss,
+    accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
     """Mean loss over `loader`, each batch weighted by its number of examples.
 
@@ -273,7 +314,9 @@ def _batches(loader: DataLoader, accelerator: Accelerator, consumed: int) -> Ite
     """Endless batches, starting after `consumed` micro-batches; epoch e's order depends only on (seed, e)."""
     per_epoch = len(loader)
     if per_epoch == 0:
-        raise MfkitError("The training loader yields no batches.", "check the dataset is not empty and batch_size fits.")
+        raise MfkitError(
+            "The training loader yields no batches.", "check the dataset is not empty and batch_size fits."
+        )
     epoch, skip = divmod(consumed, per_epoch)
     while True:
         loader.set_epoch(epoch)
@@ -306,7 +349,9 @@ def _reconcile_accelerate_state(precision: str, cpu: bool) -> None:
     if not shared:
         return
     device = shared.get("device")
-    device_changes = device is not None and ((cpu and device.type != "cpu") or (not cpu and device.type == "cpu" and _gpu_present()))
+    device_changes = device is not None and (
+        (cpu and device.type != "cpu") or (not cpu and device.type == "cpu" and _gpu_present())
+    )
     precision_changes = shared.get("_mixed_precision", precision) != precision
     if not (device_changes or precision_changes):
         return
@@ -406,11 +451,17 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         if callable(method):
             method()
             return
-    raise MfkitError(f"{type(model).__name__} has no gradient checkpointing.", "use a transformers model, or turn it off.")
+    raise MfkitError(
+        f"{type(model).__name__} has no gradient checkpointing.", "use a transformers model, or turn it off."
+    )
 
 
 def run_fingerprint(
-    config: TrainConfig, model: nn.Module, groups: Sequence[dict], callbacks: Sequence[Callback], processes: int
+    config: TrainConfig,
+    model: nn.Module,
+    groups: Sequence[dict],
+    callbacks: Sequence[Callback],
+    processes: int,
 ) -> dict[str, Any]:
     """What must match for a checkpoint to continue this run: settings, tensor shapes, optimizer groups,
     callbacks and the number of processes."""
@@ -457,8 +508,13 @@ class _Window:
         self.started = time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss.detach().cpu().clone(), "tokens": int(self.tokens.item()), "samples": self.samples,
-                "steps": self.steps, "seconds": self.elapsed()}
+        return {
+            "loss": self.loss.detach().cpu().clone(),
+            "tokens": int(self.tokens.item()),
+            "samples": self.samples,
+            "steps": self.steps,
+            "seconds": self.elapsed(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss.copy_(state["loss"])
@@ -500,20 +556,36 @@ def fit(
     """
     accelerator = accelerator or make_accelerator(config)
     if config.log_with and not accelerator.log_with:
-        raise MfkitError(f"log_with={config.log_with!r} is set, but the accelerator given to fit() has no tracker.",
-                         "create it with Accelerator(log_with=..., project_dir=...), or let fit() create it.")
+        raise MfkitError(
+            f"log_with={config.log_with!r} is set, but the accelerator given to fit() has no tracker.",
+            "create it with Accelerator(log_with=..., project_dir=...), or let fit() create it.",
+        )
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     groups = param_groups or parameter_groups(model, config.weight_decay, config.lr)
     fingerprint = run_fingerprint(config, model, groups, callbacks, accelerator.num_processes)
     optimizer = make_optimizer(groups, config.lr, config.betas, accelerator.device)
     scheduler = make_scheduler(
-        optimizer, config.max_steps, warmup_steps_of(config.warmup, config.max_steps), config.schedule, config.min_lr_ratio
+        optimizer,
+        config.max_steps,
+        warmup_steps_of(config.warmup, config.max_steps),
+        config.schedule,
+        config.min_lr_ratio,
     )
     prepared = accelerator.prepare(model, optimizer, train_loader)
     try:
         with tf32_matmuls(accelerator.device.type == "cuda"), no_kv_cache(model):
-            return _train(prepared, scheduler, config, eval_loader, loss_fn, eval_fn, callbacks, accelerator, fingerprint)
+            return _train(
+                prepared,
+                scheduler,
+                config,
+                eval_loader,
+                loss_fn,
+                eval_fn,
+                callbacks,
+                accelerator,
+                fingerprint,
+            )
     finally:
         release_model(accelerator, prepared[0])
         _finish_trackers(accelerator)
@@ -539,7 +611,9 @@ def _train(
     best_state: dict[str, torch.Tensor] | None = None
     bad_evals = 0
     window = _Window(accelerator.device)
-    nonfinite_at = torch.zeros((), dtype=torch.long, device=accelerator.device)  # first step with a nan/inf loss
+    nonfinite_at = torch.zeros(
+        (), dtype=torch.long, device=accelerator.device
+    )  # first step with a nan/inf loss
 
     ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
     if ckpt_path is not None and accelerator.is_main_process:
@@ -573,8 +647,14 @@ def _train(
 
     def evaluate() -> dict[str, float]:
         with gathering_with(accelerator):
-            metrics = eval_fn(model, eval_loader) if eval_fn else evaluate_loss(model, eval_loader, loss_fn, accelerator)
-        if accelerator.num_processes > 1:  # one decision for all: the main process's figures (equal when gathered)
+            metrics = (
+                eval_fn(model, eval_loader)
+                if eval_fn
+                else evaluate_loss(model, eval_loader, loss_fn, accelerator)
+            )
+        if (
+            accelerator.num_processes > 1
+        ):  # one decision for all: the main process's figures (equal when gathered)
             metrics = broadcast_object_list([metrics])[0]
         model.train()
         return metrics
@@ -589,20 +669,23 @@ def _train(
             ranks = gather_object(ranks)  # one RNG state and logging window per process, in process order
         if not accelerator.is_main_process:
             return
-        save_checkpoint(ckpt_path, {
-            "fingerprint": fingerprint,
-            "model": bare_model(accelerator, model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "step": state.step,
-            "config": dataclasses.asdict(config),
-            "history": dataclasses.asdict(history),
-            "callbacks": [cb.state_dict() for cb in callbacks],
-            "best_state": best_state,
-            "bad_evals": bad_evals,
-            "ranks": ranks,
-        })
+        save_checkpoint(
+            ckpt_path,
+            {
+                "fingerprint": fingerprint,
+                "model": bare_model(accelerator, model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "step": state.step,
+                "config": dataclasses.asdict(config),
+                "history": dataclasses.asdict(history),
+                "callbacks": [cb.state_dict() for cb in callbacks],
+                "best_state": best_state,
+                "bad_evals": bad_evals,
+                "ranks": ranks,
+            },
+        )
 
     def log_window() -> None:
         loss_value = accelerator.reduce(window.loss, "mean").item() / window.steps  # the one host sync
@@ -613,10 +696,20 @@ def _train(
         history.tokens += tokens
         history.samples += samples
         lrs = list(scheduler.get_last_lr())
-        history.train.append({"step": state.step, "loss": loss_value, "lr": lrs[0], "lrs": lrs,
-                              "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed})
-        accelerator.log({"train/loss": loss_value, "train/lr": lrs[0], "train/tokens_per_s": tokens / elapsed},
-                        step=state.step)
+        history.train.append(
+            {
+                "step": state.step,
+                "loss": loss_value,
+                "lr": lrs[0],
+                "lrs": lrs,
+                "tokens_per_s": tokens / elapsed,
+                "samples_per_s": samples / elapsed,
+            }
+        )
+        accelerator.log(
+            {"train/loss": loss_value, "train/lr": lrs[0], "train/tokens_per_s": tokens / elapsed},
+            step=state.step,
+        )
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}")
         window.reset()
 
@@ -624,7 +717,12 @@ def _train(
         cb.on_train_begin(state)
     model.train()
     batches = _batches(train_loader, accelerator, state.step * config.grad_accum)
-    bar = tqdm(total=config.max_steps, initial=state.step, desc="fit", disable=not (config.progress and accelerator.is_local_main_process))
+    bar = tqdm(
+        total=config.max_steps,
+        initial=state.step,
+        desc="fit",
+        disable=not (config.progress and accelerator.is_local_main_process),
+    )
 
     while state.step < config.max_steps and not state.should_stop:
         for cb in callbacks:
@@ -649,8 +747,11 @@ def _train(
         bar.update(1)
 
         log_now = state.step % config.log_every == 0 or state.step == config.max_steps
-        eval_now = bool(eval_loader is not None and config.eval_every
-                        and (state.step % config.eval_every == 0 or state.step == config.max_steps))
+        eval_now = bool(
+            eval_loader is not None
+            and config.eval_every
+            and (state.step % config.eval_every == 0 or state.step == config.max_steps)
+        )
         checkpoint_now = bool(config.checkpoint_every and state.step % config.checkpoint_every == 0)
         if log_now or eval_now or checkpoint_now or state.step % NONFINITE_CHECK_EVERY == 0:
             check_finite()
@@ -661,15 +762,27 @@ def _train(
             eval_start = time.perf_counter()
             metrics = evaluate()
             history.eval.append({"step": state.step, **metrics})
-            accelerator.log({f"eval/{k.removeprefix('eval_')}": v for k, v in metrics.items()
-                             if isinstance(v, int | float)}, step=state.step)
+            accelerator.log(
+                {
+                    f"eval/{k.removeprefix('eval_')}": v
+                    for k, v in metrics.items()
+                    if isinstance(v, int | float)
+                },
+                step=state.step,
+            )
             if config.monitor not in metrics:
-                raise MfkitError(f"monitor={config.monitor!r} is not among the metrics {sorted(metrics)}.", "set TrainConfig.monitor to one of them.")
+                raise MfkitError(
+                    f"monitor={config.monitor!r} is not among the metrics {sorted(metrics)}.",
+                    "set TrainConfig.monitor to one of them.",
+                )
             value = metrics[config.monitor]
             if _improved(value, history.best_metric, config.mode):
                 history.best_step, history.best_metric, bad_evals = state.step, value, 0
                 if config.restore_best:
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in bare_model(accelerator, model).state_dict().items()}
+                    best_state = {
+                        k: v.detach().to("cpu", copy=True)
+                        for k, v in bare_model(accelerator, model).state_dict().items()
+                    }
             else:
                 bad_evals += 1
                 if config.patience is not None and bad_evals >= config.patience:
@@ -712,7 +825,9 @@ def read_scalars(logging_dir: str | Path):
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError as exc:
-        raise MfkitError("Reading TensorBoard event files needs the tensorboard package.", "pip install tensorboard.") from exc
+        raise MfkitError(
+            "Reading TensorBoard event files needs the tensorboard package.", "pip install tensorboard."
+        ) from exc
     root = Path(logging_dir)
     rows = []
     for events in sorted(root.rglob("events.out.tfevents.*")):
@@ -720,11 +835,15 @@ def read_scalars(logging_dir: str | Path):
         accumulator.Reload()
         run = events.parent.relative_to(root).as_posix()
         for tag in accumulator.Tags()["scalars"]:
-            rows += [{"run": run, "tag": tag, "step": e.step, "value": e.value, "wall_time": e.wall_time}
-                     for e in accumulator.Scalars(tag)]
+            rows += [
+                {"run": run, "tag": tag, "step": e.step, "value": e.value, "wall_time": e.wall_time}
+                for e in accumulator.Scalars(tag)
+            ]
     if not rows:
-        raise MfkitError(f"No TensorBoard scalars under {root}.",
-                         "train with TrainConfig(log_with='tensorboard', logging_dir=...) pointing at this folder.")
+        raise MfkitError(
+            f"No TensorBoard scalars under {root}.",
+            "train with TrainConfig(log_with='tensorboard', logging_dir=...) pointing at this folder.",
+        )
     frame = pd.DataFrame(rows).sort_values("wall_time", kind="stable")
     frame = frame.drop_duplicates(["run", "tag", "step"], keep="last")
     return frame.drop(columns="wall_time").sort_values(["run", "tag", "step"]).reset_index(drop=True)

@@ -23,8 +23,20 @@ from mfkit.training import TrainConfig, fit, make_accelerator
 
 
 def tiny_gpt() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
-                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=40,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def nll_per_token(model, loader) -> dict[str, float]:
@@ -50,16 +62,34 @@ def main(out_path: str, global_batch: int) -> None:
     history = fit(tiny_gpt(), loader, config, eval_loader=eval_loader, accelerator=accelerator)
     if accelerator.is_main_process:
         with open(out_path, "w") as f:
-            json.dump({"processes": accelerator.num_processes, "train": [r["loss"] for r in history.train],
-                       "eval": [e["eval_loss"] for e in history.eval], "samples": history.samples}, f)
+            json.dump(
+                {
+                    "processes": accelerator.num_processes,
+                    "train": [r["loss"] for r in history.train],
+                    "eval": [e["eval_loss"] for e in history.eval],
+                    "samples": history.samples,
+                },
+                f,
+            )
 
     # A monitor that worsens as training improves (mode="max" on a loss), so that early stopping fires after
     # two evaluations without improvement and restore_best brings back the weights of the first one.
     seed_everything(0)
     model = tiny_gpt()
-    early = TrainConfig(max_steps=12, lr=3e-3, warmup=2, log_every=4, eval_every=2, patience=2, monitor="eval_nll",
-                        mode="max", progress=False)
-    history = fit(model, loader, early, eval_loader=uneven_loader, eval_fn=nll_per_token, accelerator=accelerator)
+    early = TrainConfig(
+        max_steps=12,
+        lr=3e-3,
+        warmup=2,
+        log_every=4,
+        eval_every=2,
+        patience=2,
+        monitor="eval_nll",
+        mode="max",
+        progress=False,
+    )
+    history = fit(
+        model, loader, early, eval_loader=uneven_loader, eval_fn=nll_per_token, accelerator=accelerator
+    )
     torch.save(model.state_dict(), f"{out_path}.rank{rank}.pt")
 
     seed_everything(0)
@@ -67,13 +97,26 @@ def main(out_path: str, global_batch: int) -> None:
     groups = layer_groups(model)
     refused = None
     try:
-        fit(model, loader, TrainConfig(max_steps=2, progress=False), accelerator=accelerator,
-            callbacks=[GradualUnfreezing(groups, head_steps=1, every=1)])
+        fit(
+            model,
+            loader,
+            TrainConfig(max_steps=2, progress=False),
+            accelerator=accelerator,
+            callbacks=[GradualUnfreezing(groups, head_steps=1, every=1)],
+        )
     except MfkitError as err:
         refused = str(err)
     with open(f"{out_path}.rank{rank}.json", "w") as f:
-        json.dump({"eval": history.eval, "steps": history.steps, "best_step": history.best_step,
-                   "stopped_early": history.stopped_early, "unfreezing_refused": refused}, f)
+        json.dump(
+            {
+                "eval": history.eval,
+                "steps": history.steps,
+                "best_step": history.best_step,
+                "stopped_early": history.stopped_early,
+                "unfreezing_refused": refused,
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,16 @@ from mfkit.results import record, set_notebook
 NOTEBOOK = "99_bad-inputs"
 # A profile table of our own, so the cases do not follow the real notebooks' sizes.
 TABLE = {
-    profile: {"max_steps": 10, "batch_size": 8, "lr": 1e-3, "warmup": 0.1, "cut_frac": 0.1, "lora_ranks": [2, 4],
-              "lrs": {"full": 1e-4, "lora": 1e-3}, "train_limit": 100 if profile == "smoke" else None}
+    profile: {
+        "max_steps": 10,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup": 0.1,
+        "cut_frac": 0.1,
+        "lora_ranks": [2, 4],
+        "lrs": {"full": 1e-4, "lora": 1e-3},
+        "train_limit": 100 if profile == "smoke" else None,
+    }
     for profile in ("smoke", "cpu", "gpu")
 }
 
@@ -50,7 +58,9 @@ def profile_table(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- bad files --------------------------------------------------------------------------------------------------
 
 
-def csv_file(folder: Path, rows: list[tuple[Any, ...]], header: str = "text,label", name: str = "data.csv") -> Path:
+def csv_file(
+    folder: Path, rows: list[tuple[Any, ...]], header: str = "text,label", name: str = "data.csv"
+) -> Path:
     """A CSV with `header` and `rows` (values without commas)."""
     path = folder / name
     path.write_text(header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
@@ -73,8 +83,9 @@ def zero_bytes(tmp: Path) -> Path:
 
 def latin1(tmp: Path) -> Path:
     path = tmp / "data.csv"
-    path.write_bytes(b"text,label\n" + b"".join(f"caf\u00e9 cr\u00e8me {i},{i % 2}\n".encode("latin-1")
-                                                      for i in range(40)))
+    path.write_bytes(
+        b"text,label\n" + b"".join(f"caf\u00e9 cr\u00e8me {i},{i % 2}\n".encode("latin-1") for i in range(40))
+    )
     return path
 
 
@@ -115,7 +126,10 @@ def gapped_labels(tmp: Path) -> Path:
 
 
 def label_only_in_test(tmp: Path) -> Path:
-    rows = [(f"mail {i}", i % 2, "train") for i in range(20)] + [("mail v", 0, "validation"), ("mail w", 1, "validation")]
+    rows = [(f"mail {i}", i % 2, "train") for i in range(20)] + [
+        ("mail v", 0, "validation"),
+        ("mail w", 1, "validation"),
+    ]
     rows += [("mail t", 0, "test"), ("mail u", 2, "test")]
     return csv_file(tmp, rows, header="text,label,split")
 
@@ -153,8 +167,14 @@ def folder_without_config(tmp: Path) -> Path:
 def _tiny_bert() -> Any:
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return BertModel(config)
 
 
@@ -179,58 +199,149 @@ API_CASES: list[tuple[str, Action, list[str], list[str]]] = [
     ("csv-header-only", lambda t: load_data(header_only(t)), ["no data rows"], ["add rows"]),
     ("csv-zero-bytes", lambda t: load_data(zero_bytes(t)), ["empty (0 bytes)"], ["write it again"]),
     ("csv-latin1", lambda t: load_data(latin1(t)), ["not UTF-8", "line 2", "UnicodeDecodeError"], ["UTF-8"]),
-    ("csv-unterminated-quote", lambda t: load_data(unterminated_quote(t)), ["not well-formed CSV"], ["in full"]),
+    (
+        "csv-unterminated-quote",
+        lambda t: load_data(unterminated_quote(t)),
+        ["not well-formed CSV"],
+        ["in full"],
+    ),
     ("csv-last-row-cut", lambda t: load_data(last_row_cut(t)), ["truncated", "line 42"], ["in full"]),
     ("jsonl-gz-truncated", lambda t: load_data(truncated_gzip(t)), ["truncated gzip"], ["again"]),
-    ("jsonl-broken-line", lambda t: load_data(broken_jsonl(t)), ["could not be read as JSON"], ["well-formed"]),
+    (
+        "jsonl-broken-line",
+        lambda t: load_data(broken_jsonl(t)),
+        ["could not be read as JSON"],
+        ["well-formed"],
+    ),
     ("csv-whitespace-only", lambda t: load_data(whitespace_only(t)), ["only whitespace"], ["holds the data"]),
-    ("model-folder-without-config", lambda t: load_model(str(folder_without_config(t))), ["config.json"],
-     ["save_pretrained"]),
-    ("tokenizer-folder-without-files", lambda t: load_tokenizer(str(folder_without_config(t))),
-     ["not a saved tokenizer"], ["save_pretrained"]),
+    (
+        "model-folder-without-config",
+        lambda t: load_model(str(folder_without_config(t))),
+        ["config.json"],
+        ["save_pretrained"],
+    ),
+    (
+        "tokenizer-folder-without-files",
+        lambda t: load_tokenizer(str(folder_without_config(t))),
+        ["not a saved tokenizer"],
+        ["save_pretrained"],
+    ),
     # labels against the classes
     ("labels-not-contiguous", lambda t: load_data(gapped_labels(t)), ["[0, 1, 4, 5]", "0..3"], ["renumber"]),
-    ("label-only-in-test", lambda t: load_data(label_only_in_test(t)), ["test split", "['2']", "never has"],
-     ["training examples"]),
-    ("single-class", lambda t: load_data(single_class(t), positive_label="spam"), ["single class", "'spam'"],
-     ["at least two classes"]),
-    ("empty-validation-split", lambda t: load_data(two_rows(t), positive_label="spam"),
-     ["validation", "no rows"], ["more rows"]),
-    ("text-labels-without-positive", lambda t: load_data(text_labels(t), text_column="body", label_column="category"),
-     ["cannot tell which one is the positive"], ["positive_label='spam'", "POSITIVE_LABEL"]),
-    ("positive-label-absent", lambda t: load_data(text_labels(t), text_column="body", label_column="category",
-                                                  positive_label="junk"), ["'junk' is not one of"], ["'ham'"]),
+    (
+        "label-only-in-test",
+        lambda t: load_data(label_only_in_test(t)),
+        ["test split", "['2']", "never has"],
+        ["training examples"],
+    ),
+    (
+        "single-class",
+        lambda t: load_data(single_class(t), positive_label="spam"),
+        ["single class", "'spam'"],
+        ["at least two classes"],
+    ),
+    (
+        "empty-validation-split",
+        lambda t: load_data(two_rows(t), positive_label="spam"),
+        ["validation", "no rows"],
+        ["more rows"],
+    ),
+    (
+        "text-labels-without-positive",
+        lambda t: load_data(text_labels(t), text_column="body", label_column="category"),
+        ["cannot tell which one is the positive"],
+        ["positive_label='spam'", "POSITIVE_LABEL"],
+    ),
+    (
+        "positive-label-absent",
+        lambda t: load_data(
+            text_labels(t), text_column="body", label_column="category", positive_label="junk"
+        ),
+        ["'junk' is not one of"],
+        ["'ham'"],
+    ),
     ("fractional-labels", lambda t: load_data(fractional_labels(t)), ["not class ids"], ["whole numbers"]),
-    ("positive-label-without-labels", lambda t: load_data(unlabelled(t), positive_label="spam"),
-     ["no label column"], ["LABEL_COLUMN"]),
-    ("missing-text-column", lambda t: load_data(text_labels(t), label_column="category", positive_label="spam"),
-     ["'text'", "body"], ["text_column="]),
+    (
+        "positive-label-without-labels",
+        lambda t: load_data(unlabelled(t), positive_label="spam"),
+        ["no label column"],
+        ["LABEL_COLUMN"],
+    ),
+    (
+        "missing-text-column",
+        lambda t: load_data(text_labels(t), label_column="category", positive_label="spam"),
+        ["'text'", "body"],
+        ["text_column="],
+    ),
     # configure: values checked before anything loads
-    ("max-steps-text", lambda t: _configure(t, max_steps="ten"), ["max_steps='ten'", "whole number"], ["None"]),
+    (
+        "max-steps-text",
+        lambda t: _configure(t, max_steps="ten"),
+        ["max_steps='ten'", "whole number"],
+        ["None"],
+    ),
     ("lr-negative", lambda t: _configure(t, lr=-1), ["lr=-1", "greater than zero"], ["parameters cell"]),
     ("lr-infinite", lambda t: _configure(t, lr=math.inf), ["lr=inf", "finite"], ["parameters cell"]),
-    ("batch-size-zero", lambda t: _configure(t, batch_size=0), ["batch_size=0", "1 or more"], ["parameters cell"]),
+    (
+        "batch-size-zero",
+        lambda t: _configure(t, batch_size=0),
+        ["batch_size=0", "1 or more"],
+        ["parameters cell"],
+    ),
     ("max-steps-fraction", lambda t: _configure(t, max_steps=2.5), ["max_steps=2.5"], ["parameters cell"]),
     ("seed-text", lambda t: _configure(t, seed="abc"), ["seed='abc'"], ["parameters cell"]),
     ("limit-negative", lambda t: _configure(t, train_limit=-5), ["train_limit=-5"], ["parameters cell"]),
-    ("text-column-number", lambda t: _configure(t, text_column=3), ["text_column=3", "string"], ["parameters cell"]),
+    (
+        "text-column-number",
+        lambda t: _configure(t, text_column=3),
+        ["text_column=3", "string"],
+        ["parameters cell"],
+    ),
     ("knob-typo", lambda t: _configure(t, maxsteps=3), ["maxsteps", "max_steps?"], ["max_steps"]),
-    ("lrs-unknown-key", lambda t: _configure(t, lrs={"lorra": 1e-3}), ["lorra", "'lora'"],
-     ["parameters cell"]),
-    ("lrs-bad-value", lambda t: _configure(t, lrs={"lora": "fast"}), ["lrs['lora']='fast'"],
-     ["parameters cell"]),
-    ("list-knob-empty", lambda t: _configure(t, lora_ranks=[]), ["lora_ranks=[]", "non-empty"],
-     ["parameters cell"]),
-    ("fraction-knob-above-one", lambda t: _configure(t, cut_frac=1.5),
-     ["cut_frac=1.5", "between 0 and 1"], ["parameters cell"]),
-    ("several-bad-values-at-once", lambda t: _configure(t, max_steps="ten", lr=-1), ["max_steps='ten'", "lr=-1"],
-     ["parameters cell"]),
+    (
+        "lrs-unknown-key",
+        lambda t: _configure(t, lrs={"lorra": 1e-3}),
+        ["lorra", "'lora'"],
+        ["parameters cell"],
+    ),
+    (
+        "lrs-bad-value",
+        lambda t: _configure(t, lrs={"lora": "fast"}),
+        ["lrs['lora']='fast'"],
+        ["parameters cell"],
+    ),
+    (
+        "list-knob-empty",
+        lambda t: _configure(t, lora_ranks=[]),
+        ["lora_ranks=[]", "non-empty"],
+        ["parameters cell"],
+    ),
+    (
+        "fraction-knob-above-one",
+        lambda t: _configure(t, cut_frac=1.5),
+        ["cut_frac=1.5", "between 0 and 1"],
+        ["parameters cell"],
+    ),
+    (
+        "several-bad-values-at-once",
+        lambda t: _configure(t, max_steps="ten", lr=-1),
+        ["max_steps='ten'", "lr=-1"],
+        ["parameters cell"],
+    ),
     ("artifacts-dir-unwritable", _read_only_artifacts, ["ARTIFACTS_DIR", "cannot be written"], ["writable"]),
     # models: inputs that do not fit the model
-    ("max-length-beyond-positions", lambda t: check_max_length("minilm", 100_000), ["MAX_LENGTH=100000", "512"],
-     ["at most 512"]),
-    ("tokenizer-of-another-model", lambda t: check_tokenizer_fits(_tiny_bert(), load_tokenizer("minilm")),
-     ["30,522 tokens", "100 rows"], ["same name"]),
+    (
+        "max-length-beyond-positions",
+        lambda t: check_max_length("minilm", 100_000),
+        ["MAX_LENGTH=100000", "512"],
+        ["at most 512"],
+    ),
+    (
+        "tokenizer-of-another-model",
+        lambda t: check_tokenizer_fits(_tiny_bert(), load_tokenizer("minilm")),
+        ["30,522 tokens", "100 rows"],
+        ["same name"],
+    ),
     # the ledger
     ("record-infinity", lambda t: _record(t, "loss", math.inf), ["infinity", "JSON"], ["finite number"]),
     ("record-nan", lambda t: _record(t, "loss", math.nan), ["NaN"], ["computation"]),
@@ -257,9 +368,12 @@ def assert_names_problem_and_fix(message: str, problem: list[str], fix: list[str
         assert word in remedy, f"{word!r} not in the fix: {remedy}"
 
 
-@pytest.mark.parametrize(("action", "problem", "fix"), [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
-def test_api_bad_input(action: Action, problem: list[str], fix: list[str], tmp_path: Path,
-                       monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("action", "problem", "fix"), [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES]
+)
+def test_api_bad_input(
+    action: Action, problem: list[str], fix: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(MfkitError) as info:
@@ -336,9 +450,12 @@ RUN_CASES: list[tuple[str, Callable[[Path], list[str]], list[str], list[str]]] =
     ("max-steps-text", lambda t: ["MAX_STEPS=ten"], ["max_steps='ten'"], ["parameters cell"]),
     ("labels-not-contiguous", lambda t: [f"DATASET={gapped_labels(t)}"], ["0..3"], ["renumber"]),
     ("two-row-csv", lambda t: [f"DATASET={two_rows(t)}", "POSITIVE_LABEL=spam"], ["no rows"], ["more rows"]),
-    ("text-labels-without-positive",
-     lambda t: [f"DATASET={text_labels(t)}", "TEXT_COLUMN=body", "LABEL_COLUMN=category"],
-     ["positive class"], ["POSITIVE_LABEL"]),
+    (
+        "text-labels-without-positive",
+        lambda t: [f"DATASET={text_labels(t)}", "TEXT_COLUMN=body", "LABEL_COLUMN=category"],
+        ["positive class"],
+        ["POSITIVE_LABEL"],
+    ),
 ]
 
 
@@ -349,11 +466,16 @@ def notebooks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.notebooks
 @pytest.mark.slow
-@pytest.mark.parametrize(("params", "problem", "fix"), [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
-def test_run_bad_input(params: Callable[[Path], list[str]], problem: list[str], fix: list[str], notebooks: Path,
-                       tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("params", "problem", "fix"), [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES]
+)
+def test_run_bad_input(
+    params: Callable[[Path], list[str]], problem: list[str], fix: list[str], notebooks: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    code, printed = run_cli("run", "--notebooks", str(notebooks), "--output", str(out), "--param", *params(tmp_path))
+    code, printed = run_cli(
+        "run", "--notebooks", str(notebooks), "--output", str(out), "--param", *params(tmp_path)
+    )
     entry = json.loads((out / "summary.json").read_text())["notebooks"][NOTEBOOK]
     assert code == 1 and entry["status"] == "failed", printed
     assert "MfkitError" in entry["error"]
@@ -372,9 +494,19 @@ def test_run_bad_input(params: Callable[[Path], list[str]], problem: list[str], 
 def test_run_bring_your_own_csv(notebooks: Path, tmp_path: Path) -> None:
     """The same notebook with the right parameters trains, records its numbers and the run's knobs."""
     out = tmp_path / "run"
-    code, printed = run_cli("run", "--notebooks", str(notebooks), "--output", str(out), "--param",
-                            f"DATASET={text_labels(tmp_path)}", "TEXT_COLUMN=body", "LABEL_COLUMN=category",
-                            "POSITIVE_LABEL=spam", "TRAIN_LIMIT=all")
+    code, printed = run_cli(
+        "run",
+        "--notebooks",
+        str(notebooks),
+        "--output",
+        str(out),
+        "--param",
+        f"DATASET={text_labels(tmp_path)}",
+        "TEXT_COLUMN=body",
+        "LABEL_COLUMN=category",
+        "POSITIVE_LABEL=spam",
+        "TRAIN_LIMIT=all",
+    )
     entry = json.loads((out / "summary.json").read_text())["notebooks"][NOTEBOOK]
     assert code == 0, printed
     assert (out / "artifacts" / "trained.marker").exists()
@@ -395,17 +527,33 @@ def _file_in_the_way(tmp: Path) -> Path:
 CLI_CASES: list[tuple[str, Callable[[Path], list[str]], list[str], list[str]]] = [
     ("param-typo", lambda t: ["--param", "MAXSTEPS=2"], ["MAXSTEPS", "MAX_STEPS?"], ["parameters cells"]),
     ("param-of-no-notebook", lambda t: ["--param", "VERSE_STEPS=2"], ["VERSE_STEPS", NOTEBOOK], ["DATASET"]),
-    ("output-unwritable", lambda t: ["--output", str(_file_in_the_way(t) / "run")], ["output folder", "cannot be written"],
-     ["--output DIR"]),
-    ("artifacts-unwritable", lambda t: ["--param", f"ARTIFACTS_DIR={_file_in_the_way(t) / 'a'}"],
-     ["ARTIFACTS_DIR", "cannot be written"], ["--param ARTIFACTS_DIR=DIR"]),
+    (
+        "output-unwritable",
+        lambda t: ["--output", str(_file_in_the_way(t) / "run")],
+        ["output folder", "cannot be written"],
+        ["--output DIR"],
+    ),
+    (
+        "artifacts-unwritable",
+        lambda t: ["--param", f"ARTIFACTS_DIR={_file_in_the_way(t) / 'a'}"],
+        ["ARTIFACTS_DIR", "cannot be written"],
+        ["--param ARTIFACTS_DIR=DIR"],
+    ),
 ]
 
 
-@pytest.mark.parametrize(("argv", "problem", "fix"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
-def test_run_refuses_before_any_notebook(argv: Callable[[Path], list[str]], problem: list[str], fix: list[str],
-                                         notebooks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("argv", "problem", "fix"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
+)
+def test_run_refuses_before_any_notebook(
+    argv: Callable[[Path], list[str]],
+    problem: list[str],
+    fix: list[str],
+    notebooks: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     started: list[Any] = []
     monkeypatch.setattr("papermill.execute_notebook", lambda *a, **k: started.append(a))
     args = argv(tmp_path)
@@ -420,15 +568,25 @@ def test_run_refuses_before_any_notebook(argv: Callable[[Path], list[str]], prob
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_artifacts_with_earlier_results(notebooks: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_read_only_artifacts_with_earlier_results(
+    notebooks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     artifacts = tmp_path / "artifacts"
     (artifacts / "results").mkdir(parents=True)
     (artifacts / "results" / f"{NOTEBOOK}.json").write_text('{"f1": 0.9}')
     (artifacts / "results").chmod(0o555)
     try:
-        code = cli.main(["run", "--notebooks", str(notebooks), "--output", str(tmp_path / "run"),
-                         "--param", f"ARTIFACTS_DIR={artifacts}"])
+        code = cli.main(
+            [
+                "run",
+                "--notebooks",
+                str(notebooks),
+                "--output",
+                str(tmp_path / "run"),
+                "--param",
+                f"ARTIFACTS_DIR={artifacts}",
+            ]
+        )
     finally:
         (artifacts / "results").chmod(0o755)
     assert code == 2 and "cannot be written" in capsys.readouterr().err

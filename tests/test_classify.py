@@ -25,7 +25,12 @@ from mfkit.classify import (
 )
 
 SPAMMY = ["buy cheap pills now", "free money click here", "cheap loans free offer now", "win free money now"]
-HAMMY = ["see you at the meeting", "the report is attached", "lunch at noon tomorrow", "notes from the meeting"]
+HAMMY = [
+    "see you at the meeting",
+    "the report is attached",
+    "lunch at noon tomorrow",
+    "notes from the meeting",
+]
 FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=["ham", "spam"])})
 
 
@@ -65,8 +70,13 @@ def tiny_bert(vocab_size: int) -> nn.Module:
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=64, num_labels=2,
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=2,
     )
     return BertForSequenceClassification(config)
 
@@ -84,7 +94,10 @@ def test_tokenize_truncates_without_padding_and_keeps_labels(dsdict, tokenizer):
         lengths = [len(ids) for ids in rows["input_ids"]]
         assert max(lengths) == 5  # truncated (the texts are longer)
         assert all(len(m) == n for m, n in zip(rows["attention_mask"], lengths, strict=True))
-        assert all(ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id for ids in rows["input_ids"])
+        assert all(
+            ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+            for ids in rows["input_ids"]
+        )
     # Without truncation pressure the rows keep their own lengths: no padding happens here.
     loose = tokenize_for_classification(dsdict, tokenizer, max_length=64)["train"]
     expected = [len(t.split()) + 2 for t in dsdict["train"]["text"]]
@@ -145,7 +158,9 @@ def test_loaders_pad_dynamically(dsdict, tokenizer):
     assert batch["input_ids"].shape[0] == 8  # evaluation batches default to twice the training batch
     assert batch["input_ids"].shape[1] == max(len(r) for r in tokenized["validation"][:8]["input_ids"])
     assert batch["labels"].dtype == torch.long and batch["labels"].shape == (8,)
-    first = [next(iter(classification_loaders(tokenized, tokenizer, 4, seed=1).train))["labels"] for _ in range(2)]
+    first = [
+        next(iter(classification_loaders(tokenized, tokenizer, 4, seed=1).train))["labels"] for _ in range(2)
+    ]
     assert torch.equal(first[0], first[1])  # the same seed gives the same order
     assert len(test.dataset) == 12 and len(train.dataset) == 40
 
@@ -162,10 +177,14 @@ def test_fit_early_stops_on_eval_f1(dsdict, tokenizer):
     tokenized = tokenize_for_classification(dsdict, tokenizer, max_length=16)
     loaders = classification_loaders(tokenized, tokenizer, batch_size=8, seed=0)
     model = tiny_bert(len(tokenizer))
-    config = TrainConfig(max_steps=6, lr=1e-3, eval_every=2, monitor="eval_f1", mode="max", patience=5, progress=False)
+    config = TrainConfig(
+        max_steps=6, lr=1e-3, eval_every=2, monitor="eval_f1", mode="max", patience=5, progress=False
+    )
     history = fit(model, loaders.train, config, eval_loader=loaders.validation, eval_fn=evaluate_classifier)
     assert [e["step"] for e in history.eval] == [2, 4, 6]
-    assert {"eval_loss", "eval_accuracy", "eval_precision", "eval_recall", "eval_f1", "eval_macro_f1"} <= set(history.eval[0])
+    assert {"eval_loss", "eval_accuracy", "eval_precision", "eval_recall", "eval_f1", "eval_macro_f1"} <= set(
+        history.eval[0]
+    )
     assert history.best_metric == max(e["eval_f1"] for e in history.eval)
 
 
@@ -192,15 +211,19 @@ def test_evaluate_classifier_matches_hand_computed_metrics():
     loader = make_loader(rows, batch_size=3, collate_fn=pad_collate(0), shuffle=False)
     metrics = evaluate_classifier(FixedLogits(), loader)
     expected_loss = (5 * -math.log(3 / 4) + 2 * -math.log(1 / 4)) / 7
-    assert metrics == pytest.approx({
-        "eval_loss": expected_loss,
-        "eval_accuracy": 5 / 7,
-        "eval_precision": 2 / 3,
-        "eval_recall": 2 / 3,
-        "eval_f1": 2 / 3,
-        "eval_macro_f1": (2 / 3 + 3 / 4) / 2,  # ham: precision 3/4, recall 3/4
-    })
-    assert set(evaluate_classifier(FixedLogits(), loader, prefix="test_")) == {k.replace("eval_", "test_") for k in metrics}
+    assert metrics == pytest.approx(
+        {
+            "eval_loss": expected_loss,
+            "eval_accuracy": 5 / 7,
+            "eval_precision": 2 / 3,
+            "eval_recall": 2 / 3,
+            "eval_f1": 2 / 3,
+            "eval_macro_f1": (2 / 3 + 3 / 4) / 2,  # ham: precision 3/4, recall 3/4
+        }
+    )
+    assert set(evaluate_classifier(FixedLogits(), loader, prefix="test_")) == {
+        k.replace("eval_", "test_") for k in metrics
+    }
 
 
 def test_confusion_rows_are_true_classes():

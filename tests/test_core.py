@@ -44,9 +44,16 @@ def test_record_refuses_nan_and_objects(tmp_path):
 
 
 def test_configure_merges_profile_and_overrides(tmp_path):
-    cfg = mfkit.configure("03_full-finetuning", "smoke", artifacts_dir=tmp_path, quiet=True, max_steps=7, lr=None)
+    cfg = mfkit.configure(
+        "03_full-finetuning", "smoke", artifacts_dir=tmp_path, quiet=True, max_steps=7, lr=None
+    )
     smoke = mfkit.profiles.PROFILES["03_full-finetuning"]["smoke"]
-    assert cfg.max_steps == 7 and cfg.lr == smoke["lr"] and cfg.profile == "smoke" and cfg.artifacts_dir == tmp_path
+    assert (
+        cfg.max_steps == 7
+        and cfg.lr == smoke["lr"]
+        and cfg.profile == "smoke"
+        and cfg.artifacts_dir == tmp_path
+    )
     with pytest.raises(MfkitError, match="max_step"):
         mfkit.configure("03_full-finetuning", "smoke", artifacts_dir=tmp_path, quiet=True, max_step=7)
     with pytest.raises(MfkitError, match="PROFILE='laptop'"):
@@ -129,7 +136,9 @@ def test_unknown_model_offline_lists_embedded_names(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MfkitError) as err:
         load_model("no-such-org/no-such-model")
-    assert "minilm" in str(err.value) and "smollm2-135m" in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+    assert (
+        "minilm" in str(err.value) and "smollm2-135m" in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+    )
 
 
 def test_encoder_cannot_be_loaded_for_generation():
@@ -143,7 +152,12 @@ def test_tiny_gpt_missing_names_notebook_02(tmp_path):
 
 
 TEST_TABLE = {
-    p: {"max_steps": 10, "lr": 1e-3, "train_limit": 100 if p == "smoke" else None, "lrs": {"full": 1e-4, "lora": 1e-3}}
+    p: {
+        "max_steps": 10,
+        "lr": 1e-3,
+        "train_limit": 100 if p == "smoke" else None,
+        "lrs": {"full": 1e-4, "lora": 1e-3},
+    }
     for p in mfkit.profiles.PROFILE_NAMES
 }
 
@@ -156,12 +170,16 @@ def test_table(monkeypatch):
 
 
 def test_configure_records_what_produced_the_numbers(tmp_path, test_table):
-    cfg = mfkit.configure(test_table, "smoke", artifacts_dir=tmp_path, quiet=True, seed=3, lrs={"lora": 5e-4},
-                          train_limit="all")
+    cfg = mfkit.configure(
+        test_table, "smoke", artifacts_dir=tmp_path, quiet=True, seed=3, lrs={"lora": 5e-4}, train_limit="all"
+    )
     record("f1", 0.5)
     run = load_run(test_table, tmp_path)
     assert run["profile"] == "smoke" and run["seed"] == 3 and run["overrides"] == ["lrs", "train_limit"]
-    assert run["knobs"]["lrs"] == {"full": 1e-4, "lora": 5e-4} and run["knobs"]["max_steps"] == cfg.max_steps == 10
+    assert (
+        run["knobs"]["lrs"] == {"full": 1e-4, "lora": 5e-4}
+        and run["knobs"]["max_steps"] == cfg.max_steps == 10
+    )
     assert run["knobs"]["train_limit"] is None and run["knobs"]["artifacts_dir"] == str(tmp_path)
     assert set(run["versions"]) == {"python", "torch", "transformers", "mfkit"}
     assert load_results(test_table, tmp_path) == {"f1": 0.5}  # readers of numbers never see the run record
@@ -176,7 +194,9 @@ def test_record_refuses_infinity_and_writes_strict_json(tmp_path):
     with pytest.raises(MfkitError, match="infinity"):
         record("x", [1.0, float("-inf")])
     record("x", [1.0, 2])
-    assert json.loads((tmp_path / "results" / "99_test.json").read_text(), parse_constant=pytest.fail) == {"x": [1.0, 2]}
+    assert json.loads((tmp_path / "results" / "99_test.json").read_text(), parse_constant=pytest.fail) == {
+        "x": [1.0, 2]
+    }
 
 
 def test_a_profile_limit_can_be_set_back_to_all(tmp_path, test_table):
@@ -184,4 +204,6 @@ def test_a_profile_limit_can_be_set_back_to_all(tmp_path, test_table):
         cfg = mfkit.configure(test_table, "smoke", artifacts_dir=tmp_path, quiet=True, train_limit=value)
         assert cfg.train_limit is None
     assert mfkit.configure(test_table, "smoke", artifacts_dir=tmp_path, quiet=True).train_limit == 100
-    assert mfkit.configure(test_table, "cpu", artifacts_dir=tmp_path, quiet=True, train_limit=5).train_limit == 5
+    assert (
+        mfkit.configure(test_table, "cpu", artifacts_dir=tmp_path, quiet=True, train_limit=5).train_limit == 5
+    )

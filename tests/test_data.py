@@ -472,5 +472,7 @@ def test_positive_label_gets_id_1(tmp_path: Path) -> None:
     assert label_names(flipped) == ["spam", "ham"]
     assert flipped["test"]["label"][:] == [1 - v for v in spam["test"]["label"][:]]
     with pytest.raises(MfkitError, match="positive class is 1"):
-        load_data(write_csv(tmp_path / "ints.csv", [(f"m {i}", str(i % 2)) for i in range(40)], "text,label"),
-                  positive_label=0)
+        load_data(
+            write_csv(tmp_path / "ints.csv", [(f"m {i}", str(i % 2)) for i in range(40)], "text,label"),
+            positive_label=0,
+        )

@@ -25,8 +25,22 @@ def run(out: Path, processes: int) -> dict:
         # `--multi_gpu` selects accelerate's torchrun-style launcher (one process per rank); with no GPU present,
         # fit's Accelerator runs each rank on the CPU and DDP all-reduces gradients over gloo.
         launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-        cmd = [launcher, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", *script]
+        cmd = [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29517",
+            *script,
+        ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -57,9 +71,15 @@ def test_two_cpu_processes_match_one(runs):
 def test_early_stopping_under_ddp_takes_one_decision_and_restores_the_same_weights(runs):
     single, (rank0, rank1) = runs[1]["ranks"][0], runs[2]["ranks"]
     # Both ranks evaluate the whole (unevenly sharded) loader: the same token count as one process, not half of it.
-    assert [e["eval_tokens"] for e in rank0["eval"]] == [e["eval_tokens"] for e in single["eval"]] == [36 * 15] * 3
+    assert (
+        [e["eval_tokens"] for e in rank0["eval"]]
+        == [e["eval_tokens"] for e in single["eval"]]
+        == [36 * 15] * 3
+    )
     assert rank0["eval"] == rank1["eval"]
-    assert [e["eval_nll"] for e in rank0["eval"]] == pytest.approx([e["eval_nll"] for e in single["eval"]], rel=1e-4)
+    assert [e["eval_nll"] for e in rank0["eval"]] == pytest.approx(
+        [e["eval_nll"] for e in single["eval"]], rel=1e-4
+    )
     for history in (single, rank0, rank1):
         assert history["stopped_early"] and history["steps"] == 6 and history["best_step"] == 2
     (one,), (first, second) = runs[1]["weights"], runs[2]["weights"]

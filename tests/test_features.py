@@ -15,15 +15,25 @@ from mfkit.training import TrainConfig, fit
 
 def tiny_bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                        max_position_embeddings=32, num_labels=2)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
 def rows(n: int = 24) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 50, (n, 8), generator=g)
-    return [{"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(ids[i, 0] % 2)} for i in range(n)]
+    return [
+        {"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(ids[i, 0] % 2)}
+        for i in range(n)
+    ]
 
 
 def test_feature_head_gives_the_models_logits() -> None:
@@ -51,6 +61,8 @@ def test_training_the_feature_head_trains_the_models_head_only() -> None:
 
 
 def test_a_model_without_a_pooler_is_refused() -> None:
-    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, num_labels=2))
+    model = GPT2ForSequenceClassification(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, num_labels=2)
+    )
     with pytest.raises(MfkitError, match="BERT-style"):
         FeatureHead(model)

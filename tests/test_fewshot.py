@@ -19,9 +19,41 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORDS = ["<pad>", "<unk>", "system", "user", "assistant", "free", "money", "now", "meeting", "at", "noon",
-         "see", "you", "the", "report", "spam", "ham", "very", "Yes", "No", "A", "B", "is", "this", "?", "N/A",
-         "[MASK]", "Email", ":", "Answer", "or", "email", "."]
+WORDS = [
+    "<pad>",
+    "<unk>",
+    "system",
+    "user",
+    "assistant",
+    "free",
+    "money",
+    "now",
+    "meeting",
+    "at",
+    "noon",
+    "see",
+    "you",
+    "the",
+    "report",
+    "spam",
+    "ham",
+    "very",
+    "Yes",
+    "No",
+    "A",
+    "B",
+    "is",
+    "this",
+    "?",
+    "N/A",
+    "[MASK]",
+    "Email",
+    ":",
+    "Answer",
+    "or",
+    "email",
+    ".",
+]
 TEMPLATE = fs.Template("test", "Answer spam or ham .", "Email : {text}", ("ham", "spam"))
 MULTI = fs.Template("multi", None, "{text}", ("ham", "very spam"))
 TEXTS = ["free money now", "see you at the meeting", "the report at noon", "free free money", "meeting now"]
@@ -40,8 +72,15 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def lm(tokenizer):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -133,7 +172,9 @@ def test_cached_scores_equal_whole_prompt_scores(lm, tokenizer, template):
     for shots in ([], [("free money", 1), ("see you at noon", 0), ("money now", 1)]):
         prefix, suffixes = fs.split_prompts(tokenizer, template, shots, TEXTS)
         cached = fs.score_shared_prefix(lm, tokenizer, prefix, suffixes, template.label_words)
-        whole = continuation_logprobs(lm, tokenizer, [prefix + s for s in suffixes], template.label_words, batch_size=1)
+        whole = continuation_logprobs(
+            lm, tokenizer, [prefix + s for s in suffixes], template.label_words, batch_size=1
+        )
         np.testing.assert_allclose(cached, whole, rtol=1e-4, atol=1e-4)
         # The cache is cut back after every suffix: scoring in another order gives the same numbers.
         again = fs.score_shared_prefix(lm, tokenizer, prefix, suffixes[::-1], template.label_words)
@@ -175,8 +216,16 @@ def test_mean_pool_ignores_padding():
 
 def test_embeddings_are_unit_length_and_independent_of_the_batch(tokenizer):
     torch.manual_seed(0)
-    encoder = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
+    encoder = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    )
     together = fs.embed_texts(encoder, tokenizer, TEXTS, batch_size=4)
     alone = np.stack([fs.embed_texts(encoder, tokenizer, [t])[0] for t in TEXTS])
     assert together.shape == (len(TEXTS), 16)
@@ -205,8 +254,16 @@ def test_probe_learns_separable_features_and_needs_two_classes():
 def test_run_probe_uses_the_drawn_rows():
     features = fake_features(LABELS)
     eval_labels = [0, 1] * 10
-    frame = fs.run_probe(dict(enumerate(features)), LABELS, fake_features(eval_labels, seed=2), eval_labels,
-                         shots=(0, 1, 4), draws=2, seed=1, name="fake")
+    frame = fs.run_probe(
+        dict(enumerate(features)),
+        LABELS,
+        fake_features(eval_labels, seed=2),
+        eval_labels,
+        shots=(0, 1, 4),
+        draws=2,
+        seed=1,
+        name="fake",
+    )
     assert len(frame) == 4 and set(frame["k"]) == {1, 4} and set(frame["method"]) == {"probe"}
     assert (frame["template"] == "fake").all() and (frame["f1"] > 0.8).all()
     with pytest.raises(MfkitError, match="No features"):
@@ -230,7 +287,9 @@ def test_run_icl_grid_and_summary(lm, tokenizer):
     summary = fs.summarize(frame)
     zero = summary[(summary["k"] == 0)]
     assert (zero["draws"] == 1).all() and (zero["f1_std"] == 0).all()
-    two = summary[(summary["k"] == 2) & (summary["method"] == "icl") & (summary["template"] == "test")].iloc[0]
+    two = summary[(summary["k"] == 2) & (summary["method"] == "icl") & (summary["template"] == "test")].iloc[
+        0
+    ]
     runs = frame[(frame["k"] == 2) & (frame["method"] == "icl") & (frame["template"] == "test")]["f1"]
     assert two["draws"] == 2
     assert two["f1"] == pytest.approx(runs.mean()) and two["f1_std"] == pytest.approx(runs.std(ddof=1))

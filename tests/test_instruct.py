@@ -24,15 +24,45 @@ from mfkit.instruct import (
 from mfkit.training import TrainConfig, fit
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["user", "assistant", "simplify", "thou", "art", "you", "are", "ye", "shall", "will", "go", "unto", "to",
-         "the", "city", "and", "lo", "see", "behold", "look", "a", "great", "stone", "big", "rock", "<unk>"]
+WORDS = [
+    "user",
+    "assistant",
+    "simplify",
+    "thou",
+    "art",
+    "you",
+    "are",
+    "ye",
+    "shall",
+    "will",
+    "go",
+    "unto",
+    "to",
+    "the",
+    "city",
+    "and",
+    "lo",
+    "see",
+    "behold",
+    "look",
+    "a",
+    "great",
+    "stone",
+    "big",
+    "rock",
+    "<unk>",
+]
 TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
 )
 INSTRUCTION = "simplify"
-PAIRS = [("thou art", "you are"), ("ye shall go unto the city", "you will go to the city"),
-         ("lo a great stone", "see a big rock"), ("behold the city", "look the city")]
+PAIRS = [
+    ("thou art", "you are"),
+    ("ye shall go unto the city", "you will go to the city"),
+    ("lo a great stone", "see a big rock"),
+    ("behold the city", "look the city"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +70,31 @@ def tokenizer():
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+    )
     tok.chat_template = TEMPLATE
     return tok
 
 
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
     seed_everything(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -60,12 +104,16 @@ def pairs_dataset() -> Dataset:
 
 def test_labels_cover_the_answer_and_its_end_only(tokenizer):
     row = encode_pair(tokenizer, "thou art", "you are", instruction=INSTRUCTION)
-    prompt = tokenizer(format_prompt(tokenizer, "thou art", INSTRUCTION), add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(format_prompt(tokenizer, "thou art", INSTRUCTION), add_special_tokens=False)[
+        "input_ids"
+    ]
     answer = tokenizer("you are", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert row["input_ids"] == prompt + answer
     assert row["labels"] == [IGNORE_INDEX] * len(prompt) + answer
     assert row["attention_mask"] == [1] * len(row["input_ids"])
-    assert tokenizer.convert_ids_to_tokens(prompt)[-1] == "assistant"  # the prompt ends where the answer starts
+    assert (
+        tokenizer.convert_ids_to_tokens(prompt)[-1] == "assistant"
+    )  # the prompt ends where the answer starts
     assert prompt.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2
 
 
@@ -85,8 +133,12 @@ def test_long_examples_are_left_out_not_cut(tokenizer):
 
 def test_model_loss_is_the_answer_tokens_cross_entropy(tokenizer):
     model = tiny_llama(len(tokenizer)).eval()
-    loader = instruction_loader(tokenize_pairs(pairs_dataset(), tokenizer, 64, instruction=INSTRUCTION), tokenizer,
-                                batch_size=4, shuffle=False)
+    loader = instruction_loader(
+        tokenize_pairs(pairs_dataset(), tokenizer, 64, instruction=INSTRUCTION),
+        tokenizer,
+        batch_size=4,
+        shuffle=False,
+    )
     batch = next(iter(loader))
     assert (batch["labels"] == IGNORE_INDEX).sum() > (batch["input_ids"] == 0).sum()  # prompts and padding
     with torch.no_grad():
@@ -109,13 +161,20 @@ def test_batched_answers_match_one_by_one(tokenizer):
 
 def test_a_trained_model_answers_with_the_targets(tokenizer):
     model = tiny_llama(len(tokenizer))
-    loader = instruction_loader(tokenize_pairs(pairs_dataset(), tokenizer, 64, instruction=INSTRUCTION), tokenizer,
-                                batch_size=4, seed=0)
+    loader = instruction_loader(
+        tokenize_pairs(pairs_dataset(), tokenizer, 64, instruction=INSTRUCTION),
+        tokenizer,
+        batch_size=4,
+        seed=0,
+    )
     fit(model, loader, TrainConfig(max_steps=60, lr=1e-2, warmup=0, weight_decay=0.0, progress=False))
     prompts = [format_prompt(tokenizer, s, INSTRUCTION) for s, _ in PAIRS]
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=10, batch_size=3, progress=False)
     assert answers == [t for _, t in PAIRS]  # and each stopped at the end-of-turn token
-    assert translation_scores(answers, [t for _, t in PAIRS]) == {"bleu": pytest.approx(100), "chrf": pytest.approx(100)}
+    assert translation_scores(answers, [t for _, t in PAIRS]) == {
+        "bleu": pytest.approx(100),
+        "chrf": pytest.approx(100),
+    }
 
 
 def test_translation_scores():

@@ -21,8 +21,15 @@ from mfkit.training import Callback, TrainConfig, fit
 
 
 def tiny_bert() -> BertForSequenceClassification:
-    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
-                        max_position_embeddings=32, num_labels=2)
+    config = BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -58,7 +65,9 @@ def test_set_trainable_and_count():
 def test_layerwise_lr_decays_downwards():
     groups = layer_groups(tiny_bert())
     rates = layerwise_lr(groups, 1e-3, 0.5)
-    assert rates["head"] == 1e-3 and rates["block 2"] == 5e-4 and rates["embeddings"] == pytest.approx(1e-3 / 16)
+    assert (
+        rates["head"] == 1e-3 and rates["block 2"] == 5e-4 and rates["embeddings"] == pytest.approx(1e-3 / 16)
+    )
     with pytest.raises(MfkitError):
         layerwise_lr(groups, 1e-3, 1.5)
 
@@ -90,8 +99,13 @@ def test_gradual_unfreezing_trains_only_unfrozen_groups():
             seen.append(count_parameters(state.model)[0])
 
     unfreeze = GradualUnfreezing(groups, head_steps=3, every=3)
-    fit(model, loader, TrainConfig(max_steps=6, lr=1e-2, warmup=0, progress=False),
-        param_groups=discriminative_param_groups(model, groups, 1e-2, 0.5, 0.0), callbacks=[unfreeze, Watch()])
+    fit(
+        model,
+        loader,
+        TrainConfig(max_steps=6, lr=1e-2, warmup=0, progress=False),
+        param_groups=discriminative_param_groups(model, groups, 1e-2, 0.5, 0.0),
+        callbacks=[unfreeze, Watch()],
+    )
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(groups[-1].parameter_names) | set(groups[-2].parameter_names)
     assert seen[0] < seen[-1]
@@ -102,7 +116,9 @@ def test_gradual_unfreezing_refuses_several_processes():
     """Under DDP, layers frozen when the model was wrapped would never be synchronized after unfreezing."""
     model = tiny_bert()
     unfreezing = GradualUnfreezing(layer_groups(model), head_steps=1, every=1)
-    state = type("State", (), {"accelerator": type("Accelerator", (), {"num_processes": 2})(), "model": model})()
+    state = type(
+        "State", (), {"accelerator": type("Accelerator", (), {"num_processes": 2})(), "model": model}
+    )()
     with pytest.raises(MfkitError, match="2 processes") as err:
         unfreezing.on_train_begin(state)
     assert "one process" in str(err.value)

@@ -44,7 +44,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(PARAGRAPHS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
@@ -52,8 +54,16 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def small_model(tokenizer, block_size: int = 32):
     seed_everything(0)
-    config = tiny_gpt_config(len(tokenizer), n_layer=2, n_embd=32, n_head=2, block_size=block_size, dropout=0.0,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = tiny_gpt_config(
+        len(tokenizer),
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        block_size=block_size,
+        dropout=0.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return build_tiny_gpt(config)
 
 
@@ -90,12 +100,16 @@ def test_tiny_gpt_loss_falls_on_a_repetitive_corpus(tokenizer):
     loaders = lm_loaders({"train": blocks, "validation": blocks}, batch_size=8, eval_batches=2)
     assert len(loaders["validation"].dataset) == 16
     model = small_model(tokenizer)
-    config = TrainConfig(max_steps=30, lr=1e-2, warmup=3, schedule="cosine", log_every=5, eval_every=15, progress=False)
+    config = TrainConfig(
+        max_steps=30, lr=1e-2, warmup=3, schedule="cosine", log_every=5, eval_every=15, progress=False
+    )
     history = fit(model, loaders["train"], config, eval_loader=loaders["validation"])
     losses = [row["loss"] for row in history.train]
     assert losses[-1] < 0.5 * losses[0]
     # Already well below the unigram floor: the model uses context.
-    unigram_ppl, _ = unigram_perplexity(token_stream(PARAGRAPHS, tokenizer), loaders["validation"], len(tokenizer))
+    unigram_ppl, _ = unigram_perplexity(
+        token_stream(PARAGRAPHS, tokenizer), loaders["validation"], len(tokenizer)
+    )
     assert math.exp(history.eval[-1]["eval_loss"]) < unigram_ppl / 3
 
 
@@ -137,7 +151,9 @@ def test_unigram_baseline_by_hand():
 def test_model_and_unigram_are_scored_on_the_same_tokens(tokenizer):
     blocks = pack_blocks(PARAGRAPHS, tokenizer, block_size=32)
     loader = lm_loaders({"test": blocks}, batch_size=8)["test"]
-    row = compare_with_unigram(small_model(tokenizer), loader, token_stream(PARAGRAPHS, tokenizer), len(tokenizer))
+    row = compare_with_unigram(
+        small_model(tokenizer), loader, token_stream(PARAGRAPHS, tokenizer), len(tokenizer)
+    )
     assert row["tokens"] == len(blocks) * 31
     assert row["perplexity_ratio"] == pytest.approx(row["unigram_perplexity"] / row["model_perplexity"])
     # An untrained model is roughly uniform over the vocabulary: worse than the unigram floor.

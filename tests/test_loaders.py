@@ -42,7 +42,10 @@ def test_batches_group_similar_lengths():
 
 def test_pools_bound_the_grouping():
     # pools of one batch sort nothing across batches (as wasteful as random batches); bigger pools group finer
-    waste = [padded_fraction(LengthGroupedSampler(LENGTHS, 16, seed=0, pool_batches=p).batches()) for p in (1, 4, 50)]
+    waste = [
+        padded_fraction(LengthGroupedSampler(LENGTHS, 16, seed=0, pool_batches=p).batches())
+        for p in (1, 4, 50)
+    ]
     assert waste[0] > 0.4 and waste[0] > waste[1] + 0.15 and waste[1] > waste[2] + 0.1
 
 
@@ -65,7 +68,9 @@ def test_make_loader_group_by_length_serves_the_groups(drop_last):
     expected = loader.sampler.batches()[: 12 if drop_last else None]
     served = [batch["labels"].tolist() for batch in loader]
     assert served == [[LENGTHS[i] % 2 for i in b] for b in expected]
-    assert next(iter(loader))["input_ids"].shape[1] == max(LENGTHS)  # padded only to its own (the longest) group
+    assert next(iter(loader))["input_ids"].shape[1] == max(
+        LENGTHS
+    )  # padded only to its own (the longest) group
 
 
 def test_accelerate_sharding_keeps_batches_whole_and_covers_the_epoch():
@@ -74,8 +79,11 @@ def test_accelerate_sharding_keeps_batches_whole_and_covers_the_epoch():
     shards = []
     for rank in range(2):
         loader = make_loader(rows, 16, pad_collate(0), seed=2, group_by_length=True)
-        shards.append(prepare_data_loader(loader, torch.device("cpu"), num_processes=2, process_index=rank,
-                                          put_on_device=False))
+        shards.append(
+            prepare_data_loader(
+                loader, torch.device("cpu"), num_processes=2, process_index=rank, put_on_device=False
+            )
+        )
     for epoch in (0, 1):
         expected = LengthGroupedSampler(lengths, 16, seed=2)
         expected.set_epoch(epoch)

@@ -34,7 +34,13 @@ def _prose(path: Path) -> list[str]:
     """The Markdown cells of a notebook and the comments of its code cells."""
     cells = nbformat.read(path, as_version=4).cells
     texts = [c.source for c in cells if c.cell_type == "markdown"]
-    texts += [line.split("#", 1)[1] for c in cells if c.cell_type == "code" for line in c.source.splitlines() if "#" in line]
+    texts += [
+        line.split("#", 1)[1]
+        for c in cells
+        if c.cell_type == "code"
+        for line in c.source.splitlines()
+        if "#" in line
+    ]
     return texts
 
 
@@ -46,7 +52,10 @@ def _takeaways(path: Path) -> str:
         if cell.cell_type == "markdown":
             return cell.source.split("## Takeaways", 1)[1].split("## Exercises", 1)[0]
         for node in ast.walk(ast.parse(cell.source)):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "takeaways":
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", "")) == "takeaways"
+            ):
                 return ast.literal_eval(node.args[0])
     raise AssertionError(f"{path.name} has no Takeaways section")
 
@@ -62,7 +71,9 @@ def test_prose_names_only_notebooks_that_exist(path: Path) -> None:
             missing = named - NUMBERS
             if missing and "planned" not in sentence.lower():
                 wrong.append(f"{sorted(missing)} in: {sentence.strip()[:120]}")
-    assert not wrong, f"{path.name} names notebooks that do not exist (mark planned ones as planned):\n" + "\n".join(wrong)
+    assert not wrong, (
+        f"{path.name} names notebooks that do not exist (mark planned ones as planned):\n" + "\n".join(wrong)
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -78,7 +89,9 @@ def test_takeaways_quote_only_recorded_numbers(path: Path) -> None:
 
 
 def test_fill_quotes_recorded_values_and_refuses_unrecorded_ones() -> None:
-    assert fill("F1 {f1:.3f} after {steps} steps", {"f1": 0.96251, "steps": 200}) == "F1 0.963 after 200 steps"
+    assert (
+        fill("F1 {f1:.3f} after {steps} steps", {"f1": 0.96251, "steps": 200}) == "F1 0.963 after 200 steps"
+    )
     with pytest.raises(MfkitError, match=r"(?s)\['f1'\].*mfkit.record"):
         fill("F1 {f1:.3f}", {"accuracy": 0.9})
 
@@ -86,7 +99,9 @@ def test_fill_quotes_recorded_values_and_refuses_unrecorded_ones() -> None:
 def test_the_checks_catch_typed_numbers_and_unknown_notebooks(tmp_path: Path) -> None:
     """The two checks above must be able to fail: a typed-in number and a notebook 42 are caught."""
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell("As notebook 42 shows.\n\n## Takeaways\n\n- F1 rose to 0.97.\n")]
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("As notebook 42 shows.\n\n## Takeaways\n\n- F1 rose to 0.97.\n")
+    ]
     bad = tmp_path / "99_bad.ipynb"
     nbformat.write(nb, bad)
     with pytest.raises(AssertionError, match="0.97"):

@@ -17,7 +17,19 @@ WEIGHTS = Path("artifacts/models/03-classifier/model.safetensors")
 
 
 def run_03(output: Path, **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "mfkit.cli", "run", "--profile", "smoke", "--only", "03", "--output", str(output), *PARAMS]
+    command = [
+        sys.executable,
+        "-m",
+        "mfkit.cli",
+        "run",
+        "--profile",
+        "smoke",
+        "--only",
+        "03",
+        "--output",
+        str(output),
+        *PARAMS,
+    ]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
 
 

@@ -24,11 +24,15 @@ from mfkit.data import SHIPPED
 from mfkit.notebook_cells import numbered, sync
 from mfkit.paths import REPO_DIR, notebooks_dir
 
-TORCH = "torch==2.13.0"  # the build already in a Colab-like runtime; pip finds the CPU wheel in its cache/index
+TORCH = (
+    "torch==2.13.0"  # the build already in a Colab-like runtime; pip finds the CPU wheel in its cache/index
+)
 JUPYTER = ("ipykernel", "papermill", "nbclient")
 # Notebooks the Colab simulation runs: they need the shipped data, MiniLM, SmolLM2 (GGUF -> gguf) and sacrebleu.
 COLAB_NOTEBOOKS = ("03_full-finetuning", "06_instruction-tuning")  # data + MiniLM; SmolLM2 + sacrebleu
-PYPROJECT = project_table() or pytest.skip("reading pyproject.toml needs Python 3.11 (tomllib)", allow_module_level=True)
+PYPROJECT = project_table() or pytest.skip(
+    "reading pyproject.toml needs Python 3.11 (tomllib)", allow_module_level=True
+)
 
 
 def _names(requirements: list[str]) -> set[str]:
@@ -61,7 +65,9 @@ def test_every_direct_import_is_declared():
         dists = {d.lower().replace("_", "-") for d in owners.get(module, [module])}
         if not dists & (core | extras):
             undeclared[module] = sorted(dists)
-    assert not undeclared, f"mfkit imports these but pyproject.toml declares none of their distributions: {undeclared}"
+    assert not undeclared, (
+        f"mfkit imports these but pyproject.toml declares none of their distributions: {undeclared}"
+    )
 
 
 def test_dependencies_of_the_issue_are_declared():
@@ -119,15 +125,30 @@ def test_ci_setup_keeps_the_chosen_torch(tmp_path, torch_installed):
 def _run(command: list[str], cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> str:
     """Run `command`; on failure show its output."""
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
     return result.stdout
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
     """The environment of a fresh runtime: offline hub, no trace of this checkout's venv or of the repository."""
-    env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH", "MFKIT_ARTIFACTS_DIR",
-                                                            "MFKIT_DATA_DIR", "MFKIT_SOURCE", "JUPYTER_PATH"}}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", **extra)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in {
+            "VIRTUAL_ENV",
+            "PYTHONPATH",
+            "MFKIT_ARTIFACTS_DIR",
+            "MFKIT_DATA_DIR",
+            "MFKIT_SOURCE",
+            "JUPYTER_PATH",
+        }
+    }
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", **extra
+    )
     return env
 
 
@@ -156,7 +177,9 @@ def _fresh_copy(base: Path, target: Path) -> Path:
 
 
 def _site_packages(python: Path) -> Path:
-    return Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
+    return Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
+    )
 
 
 def _listing(folder: Path) -> set[str]:
@@ -169,7 +192,9 @@ def test_wheel_carries_data_and_notebooks(wheel):
     assert {f"mfkit/_data/{name}.jsonl.gz" for name in SHIPPED} <= names
     assert "mfkit/_data/DATASHEET.md" in names
     assert {f"mfkit/_notebooks/{p.name}" for p in numbered(notebooks_dir())} <= names
-    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    metadata = (
+        zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    )
     assert f"Project-URL: Repository, {PYPROJECT['urls']['Repository']}" in metadata
     assert "Requires-Dist: sacrebleu" in metadata
 
@@ -188,9 +213,28 @@ def test_fresh_colab_runtime_runs_a_notebook(stem, wheel, base_venv, tmp_path):
     shutil.copy(notebooks_dir() / notebook.name, notebook)
     sync(work)  # the rendered setup cell, whether or not the repository's notebooks are synced yet
     env = _clean_env(MFKIT_SOURCE=str(wheel), MFKIT_CACHE=str(tmp_path / "cache"))
-    _run([str(python), "-m", "papermill", notebook.name, "executed.ipynb", "-k", "python3", "-p", "PROFILE", "smoke",
-          "--cwd", str(work)], cwd=work, env=env, timeout=900)
-    assert (work / "artifacts" / "results" / f"{stem}.json").is_file()  # artifacts default to the working folder
+    _run(
+        [
+            str(python),
+            "-m",
+            "papermill",
+            notebook.name,
+            "executed.ipynb",
+            "-k",
+            "python3",
+            "-p",
+            "PROFILE",
+            "smoke",
+            "--cwd",
+            str(work),
+        ],
+        cwd=work,
+        env=env,
+        timeout=900,
+    )
+    assert (
+        work / "artifacts" / "results" / f"{stem}.json"
+    ).is_file()  # artifacts default to the working folder
     assert _run([str(python), "-c", "import torch; print(torch.__version__)"]) == torch_before
     site = _site_packages(python)
     assert (site / "mfkit" / "_data" / "spam.jsonl.gz").is_file()

@@ -31,15 +31,29 @@ from mfkit.training import TrainConfig, fit, make_accelerator
 
 def tiny_bert() -> BertForSequenceClassification:
     seed_everything(0)
-    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, num_labels=2)
+    config = BertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
 def tiny_llama() -> LlamaForCausalLM:
     seed_everything(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -145,14 +159,18 @@ def test_prompt_tuning_cannot_merge():
 
 
 def test_adalora_budget_prunes_ranks_during_fit():
-    rows = [{"input_ids": b.tolist(), "attention_mask": [1] * len(b), "labels": int(i % 2)}
-            for i, b in enumerate(torch.randint(1, 40, (32, 8), generator=torch.Generator().manual_seed(0)))]
+    rows = [
+        {"input_ids": b.tolist(), "attention_mask": [1] * len(b), "labels": int(i % 2)}
+        for i, b in enumerate(torch.randint(1, 40, (32, 8), generator=torch.Generator().manual_seed(0)))
+    ]
     loader = make_loader(rows, 8, pad_collate(0), seed=0)
     steps = 20
     model = build_peft_model(tiny_bert(), "adalora", r=2, total_steps=steps, tinit=2, tfinal=4, deltaT=1)
     start = adalora_ranks(model)
     assert set(start.values()) == {3}  # init_r = ceil(1.5 r)
-    history = fit(model, loader, TrainConfig(max_steps=steps, lr=1e-2, progress=False), callbacks=[AdaLoraBudget()])
+    history = fit(
+        model, loader, TrainConfig(max_steps=steps, lr=1e-2, progress=False), callbacks=[AdaLoraBudget()]
+    )
     assert history.steps == steps
     end = adalora_ranks(model)
     assert end.keys() == start.keys()
@@ -164,7 +182,12 @@ def test_adalora_budget_refuses_other_models():
     rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 0}] * 4
     model = build_peft_model(tiny_bert(), "lora", r=2)
     with pytest.raises(MfkitError, match="AdaLoRA"):
-        fit(model, make_loader(rows, 2, pad_collate(0)), TrainConfig(max_steps=1, progress=False), callbacks=[AdaLoraBudget()])
+        fit(
+            model,
+            make_loader(rows, 2, pad_collate(0)),
+            TrainConfig(max_steps=1, progress=False),
+            callbacks=[AdaLoraBudget()],
+        )
 
 
 def test_qlora_support_explains_itself():
@@ -176,8 +199,10 @@ def test_qlora_support_explains_itself():
 
 
 def adalora_rows() -> list[dict]:
-    return [{"input_ids": b.tolist(), "attention_mask": [1] * len(b), "labels": int(i % 2)}
-            for i, b in enumerate(torch.randint(1, 40, (32, 8), generator=torch.Generator().manual_seed(0)))]
+    return [
+        {"input_ids": b.tolist(), "attention_mask": [1] * len(b), "labels": int(i % 2)}
+        for i, b in enumerate(torch.randint(1, 40, (32, 8), generator=torch.Generator().manual_seed(0)))
+    ]
 
 
 @pytest.mark.parametrize("grad_clip", [1.0, None])
@@ -185,15 +210,25 @@ def test_adalora_budget_skips_overflow_steps_under_loss_scaling(grad_clip):
     """fp16's GradScaler, here on the CPU, with a loss x scale that overflows for the first steps (until the scale has
     backed off): the fused AdamW step still runs (and skips the update itself), so the hook sees infinite
     gradients; they must not reach the importance scores (AdaLoRA's E starts at zero: 0 x inf = nan for good)."""
-    steps = 12  # of a schedule of 100: the scores are still there at the end (the final allocation clears them)
+    steps = (
+        12  # of a schedule of 100: the scores are still there at the end (the final allocation clears them)
+    )
     model = build_peft_model(tiny_bert(), "adalora", r=2, total_steps=100, tinit=2, tfinal=10, deltaT=1)
     config = TrainConfig(max_steps=steps, lr=1e-2, progress=False, grad_clip=grad_clip)
     accelerator = make_accelerator(config)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
     budget = AdaLoraBudget()
-    fit(model, make_loader(adalora_rows(), 8, pad_collate(0), seed=0), config, callbacks=[budget], accelerator=accelerator,
-        loss_fn=lambda m, batch: 4 * m(**batch).loss)  # 4 x 0.7 x 2^127 overflows float32; the loss does not
-    assert budget.skipped_steps[:2] == [0, 1] and len(budget.skipped_steps) < steps - 5  # skipped, then scored
+    fit(
+        model,
+        make_loader(adalora_rows(), 8, pad_collate(0), seed=0),
+        config,
+        callbacks=[budget],
+        accelerator=accelerator,
+        loss_fn=lambda m, batch: 4 * m(**batch).loss,
+    )  # 4 x 0.7 x 2^127 overflows float32; the loss does not
+    assert (
+        budget.skipped_steps[:2] == [0, 1] and len(budget.skipped_steps) < steps - 5
+    )  # skipped, then scored
     assert accelerator.scaler.get_scale() < 2.0**127
     allocator = model.base_model.rankallocator
     assert allocator.ipt and all(torch.isfinite(v).all() for v in allocator.exp_avg_ipt.values())
@@ -234,7 +269,9 @@ def test_4bit_compute_dtype_follows_the_kits_precision_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert bnb_4bit_config().bnb_4bit_compute_dtype == torch.float16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and newer
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: True
+    )  # Ampere and newer
     assert bnb_4bit_config().bnb_4bit_compute_dtype == torch.bfloat16
     assert dtype_of_precision("no") == torch.float32
     with pytest.raises(MfkitError, match="precision"):

@@ -12,7 +12,21 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from mfkit.errors import MfkitError
 from mfkit.prompting import chat_prompt, continuation_logprobs
 
-WORDS = ["<pad>", "the", "mail", "is", "spam", "ham", "free", "money", "meeting", "at", "noon", "very", "much"]
+WORDS = [
+    "<pad>",
+    "the",
+    "mail",
+    "is",
+    "spam",
+    "ham",
+    "free",
+    "money",
+    "meeting",
+    "at",
+    "noon",
+    "very",
+    "much",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +36,17 @@ def lm():
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS), n_positions=32, n_embd=16, n_layer=2, n_head=2,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(WORDS),
+            n_positions=32,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
     return model.eval(), tokenizer
 
 
@@ -90,6 +113,13 @@ def previous_implementation(model, tokenizer, contexts, continuations) -> np.nda
 def test_selecting_positions_first_gives_the_previous_scores(lm):
     model, tokenizer = lm
     contexts = ["the mail is", "free money free money the mail is", "noon"]
-    for labels in (["very much spam", "ham"], ["spam", "ham"]):  # the general path and the one-token fast path
-        scores = continuation_logprobs(model, tokenizer, contexts, labels, batch_size=len(contexts) * len(labels))
-        np.testing.assert_allclose(scores, previous_implementation(model, tokenizer, contexts, labels), rtol=1e-6, atol=1e-6)
+    for labels in (
+        ["very much spam", "ham"],
+        ["spam", "ham"],
+    ):  # the general path and the one-token fast path
+        scores = continuation_logprobs(
+            model, tokenizer, contexts, labels, batch_size=len(contexts) * len(labels)
+        )
+        np.testing.assert_allclose(
+            scores, previous_implementation(model, tokenizer, contexts, labels), rtol=1e-6, atol=1e-6
+        )

@@ -92,8 +92,14 @@ def chain_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "run", "--notebooks", str(notebooks), "--output", str(output), "--param", "SCALE=3", "MODEL=tiny-gpt"
     )
     summary = json.loads((output / "summary.json").read_text())
-    return {"code": code, "printed": printed, "summary": summary, "output": output, "notebooks": notebooks,
-            "env_before": env_before}
+    return {
+        "code": code,
+        "printed": printed,
+        "summary": summary,
+        "output": output,
+        "notebooks": notebooks,
+        "env_before": env_before,
+    }
 
 
 @pytest.mark.notebooks
@@ -172,7 +178,9 @@ def test_results_command_reprints_the_table(chain_run: dict[str, Any]) -> None:
 
 @pytest.mark.notebooks
 def test_only_runs_a_notebook_whose_prerequisite_never_ran(chain_run: dict[str, Any], tmp_path: Path) -> None:
-    code, printed = run_cli("run", "--notebooks", str(chain_run["notebooks"]), "--output", str(tmp_path), "--only", "5")
+    code, printed = run_cli(
+        "run", "--notebooks", str(chain_run["notebooks"]), "--output", str(tmp_path), "--only", "5"
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert code == 0, printed
     assert list(summary["notebooks"]) == ["05_independent"]
@@ -191,7 +199,9 @@ def fake_papermill(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         calls.append({"input": Path(input_path), "output": Path(output_path), **kwargs})
         stem = Path(input_path).stem
         if "boom" in stem:
-            raise papermill.PapermillExecutionError(4, 3, "1 / 0", "ZeroDivisionError", "division by zero", [])
+            raise papermill.PapermillExecutionError(
+                4, 3, "1 / 0", "ZeroDivisionError", "division by zero", []
+            )
         ledger = Path(kwargs["parameters"]["ARTIFACTS_DIR"]) / "results" / f"{stem}.json"
         ledger.parent.mkdir(parents=True, exist_ok=True)
         ledger.write_text(json.dumps({"ran": 1, "loss": 1 / 3}))
@@ -202,19 +212,35 @@ def fake_papermill(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 def test_papermill_call(fake_papermill: list[dict[str, Any]], tmp_path: Path) -> None:
     notebooks = make_chain(tmp_path / "nb")
-    code, _ = run_cli("run", "--notebooks", str(notebooks), "--output", str(tmp_path / "out"), "--only", "1",
-                      "--profile", "cpu", "--timeout", "30")
+    code, _ = run_cli(
+        "run",
+        "--notebooks",
+        str(notebooks),
+        "--output",
+        str(tmp_path / "out"),
+        "--only",
+        "1",
+        "--profile",
+        "cpu",
+        "--timeout",
+        "30",
+    )
     assert code == 0
     (call,) = fake_papermill
     assert call["kernel_name"] == "python3"
     assert call["cwd"] == notebooks.resolve()
     assert call["progress_bar"] is False and call["log_output"] is False
     assert call["execution_timeout"] == 30
-    assert call["parameters"] == {"PROFILE": "cpu", "ARTIFACTS_DIR": str((tmp_path / "out" / "artifacts").resolve())}
+    assert call["parameters"] == {
+        "PROFILE": "cpu",
+        "ARTIFACTS_DIR": str((tmp_path / "out" / "artifacts").resolve()),
+    }
     assert call["output"] == (tmp_path / "out" / "notebooks" / "01_record.ipynb").resolve()
 
 
-def test_transitive_skip_through_unselected_notebook(fake_papermill: list[dict[str, Any]], tmp_path: Path) -> None:
+def test_transitive_skip_through_unselected_notebook(
+    fake_papermill: list[dict[str, Any]], tmp_path: Path
+) -> None:
     notebooks = make_chain(tmp_path / "nb")
     report = runner.run_chain(notebooks=notebooks, output=tmp_path / "out", only=["02", "04", "05"])
     statuses = {stem: e["status"] for stem, e in report.summary["notebooks"].items()}
@@ -234,7 +260,10 @@ def test_artifacts_dir_param_and_stale_ledger(fake_papermill: list[dict[str, Any
     stale.parent.mkdir(parents=True)
     stale.write_text(json.dumps({"accuracy": 0.99}))
     report = runner.run_chain(
-        notebooks=notebooks, output=tmp_path / "out", only=["1", "2"], params={"ARTIFACTS_DIR": str(artifacts)}
+        notebooks=notebooks,
+        output=tmp_path / "out",
+        only=["1", "2"],
+        params={"ARTIFACTS_DIR": str(artifacts)},
     )
     assert report.summary["artifacts_dir"] == str(artifacts.resolve())
     assert report.summary["notebooks"]["01_record"]["metrics"] == {"ran": 1, "loss": pytest.approx(1 / 3)}
@@ -307,16 +336,40 @@ def test_bench_left_out_when_module_missing(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_parse_params_reads_python_literals() -> None:
     params = runner.parse_params(
-        ["MAX_STEPS=10", "LR=3e-4", "FLAG=True", "NONE=None", "LAYERS=[1, 2]", "MODEL=minilm", "QUOTED='7'",
-         "URL=http://host/?a=b", "EMPTY="]
+        [
+            "MAX_STEPS=10",
+            "LR=3e-4",
+            "FLAG=True",
+            "NONE=None",
+            "LAYERS=[1, 2]",
+            "MODEL=minilm",
+            "QUOTED='7'",
+            "URL=http://host/?a=b",
+            "EMPTY=",
+        ]
     )
-    assert params == {"MAX_STEPS": 10, "LR": 3e-4, "FLAG": True, "NONE": None, "LAYERS": [1, 2],
-                      "MODEL": "minilm", "QUOTED": "7", "URL": "http://host/?a=b", "EMPTY": ""}
+    assert params == {
+        "MAX_STEPS": 10,
+        "LR": 3e-4,
+        "FLAG": True,
+        "NONE": None,
+        "LAYERS": [1, 2],
+        "MODEL": "minilm",
+        "QUOTED": "7",
+        "URL": "http://host/?a=b",
+        "EMPTY": "",
+    }
 
 
 def test_select_and_prerequisites(tmp_path: Path) -> None:
     found = runner.discover(make_chain(tmp_path))
-    assert [nb.stem for nb in found] == ["01_record", "02_boom", "03_needs-boom", "04_needs-03", "05_independent"]
+    assert [nb.stem for nb in found] == [
+        "01_record",
+        "02_boom",
+        "03_needs-boom",
+        "04_needs-03",
+        "05_independent",
+    ]
     assert [nb.number for nb in runner.select(found, start="2", end="04")] == ["02", "03", "04"]
     assert [nb.number for nb in runner.select(found, only=runner.parse_only("5,01"))] == ["01", "05"]
     assert [nb.number for nb in runner.select(found, only=["03_needs-boom"])] == ["03"]
@@ -327,45 +380,73 @@ def test_select_and_prerequisites(tmp_path: Path) -> None:
 
 
 def test_format_metrics() -> None:
-    metrics = {"acc": 0.912345, "big": 123456.7, "steps": 30, "ok": True, "name": "x", "curve": [0.5, 0.3333333]}
-    assert runner.format_metrics(metrics) == "acc=0.9123 big=1.235e+05 steps=30 ok=True name=x curve=[0.5, 0.3333]"
+    metrics = {
+        "acc": 0.912345,
+        "big": 123456.7,
+        "steps": 30,
+        "ok": True,
+        "name": "x",
+        "curve": [0.5, 0.3333333],
+    }
+    assert (
+        runner.format_metrics(metrics)
+        == "acc=0.9123 big=1.235e+05 steps=30 ok=True name=x curve=[0.5, 0.3333]"
+    )
     assert runner.format_value("y" * 100).endswith("...") and len(runner.format_value("y" * 100)) == 40
 
 
 # --- parameters per notebook, folders, failures, latest run, comparison ------------------------------------------
 
 
-def test_params_go_only_to_notebooks_that_have_them(fake_papermill: list[dict[str, Any]], tmp_path: Path) -> None:
+def test_params_go_only_to_notebooks_that_have_them(
+    fake_papermill: list[dict[str, Any]], tmp_path: Path
+) -> None:
     folder = tmp_path / "nb"
     make_chain(folder)
     make_notebook(folder, "06_other", RECORD.format(stem="06_other").replace("SCALE", "1"))
     nb = nbformat.read(folder / "06_other.ipynb", as_version=4)
     nb.cells[2].source = 'PROFILE = "cpu"\nARTIFACTS_DIR = "artifacts"\nMODEL = "minilm"\nWIDTH: int = 3'
     nbformat.write(nb, folder / "06_other.ipynb")
-    runner.run_chain(notebooks=folder, output=tmp_path / "out", only=["1", "6"], params={"SCALE": 2, "WIDTH": 4})
+    runner.run_chain(
+        notebooks=folder, output=tmp_path / "out", only=["1", "6"], params={"SCALE": 2, "WIDTH": 4}
+    )
     sent = {c["input"].stem: c["parameters"] for c in fake_papermill}
-    assert sent["01_record"] == {"PROFILE": "smoke", "ARTIFACTS_DIR": sent["01_record"]["ARTIFACTS_DIR"], "SCALE": 2}
+    assert sent["01_record"] == {
+        "PROFILE": "smoke",
+        "ARTIFACTS_DIR": sent["01_record"]["ARTIFACTS_DIR"],
+        "SCALE": 2,
+    }
     assert "SCALE" not in sent["06_other"] and sent["06_other"]["WIDTH"] == 4
     with pytest.raises(MfkitError, match="no selected notebook"):
         runner.run_chain(notebooks=folder, output=tmp_path / "out", only=["6"], params={"SCALE": 2})
 
 
 def test_parameter_names_of_a_cell() -> None:
-    assert runner.parameter_names("A = 1\nB: int = 2\nC, D = 3, 4\n# E = 5\nif True:\n    F = 6") == {"A", "B", "C", "D"}
+    assert runner.parameter_names("A = 1\nB: int = 2\nC, D = 3, 4\n# E = 5\nif True:\n    F = 6") == {
+        "A",
+        "B",
+        "C",
+        "D",
+    }
     assert runner.parameter_names("%matplotlib inline\nA = 1\nB=2") == {"A", "B"}  # not Python: read by lines
 
 
-def test_failed_notebook_keeps_its_partial_numbers_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_failed_notebook_keeps_its_partial_numbers_apart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     def execute_notebook(input_path: Path, output_path: Path, **kwargs: Any) -> None:
         ledger = Path(kwargs["parameters"]["ARTIFACTS_DIR"]) / "results" / f"{Path(input_path).stem}.json"
         ledger.parent.mkdir(parents=True, exist_ok=True)
         ledger.write_text(json.dumps({"_run": {"seed": 0}, "val_f1": 0.5}))
         if "boom" in str(input_path):
-            tb = ["UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9",
-                  "\nThe above exception was the direct cause of the following exception:\n",
-                  "DatasetGenerationError: An error occurred while generating the dataset"]
-            raise papermill.PapermillExecutionError(4, 3, "load()", "DatasetGenerationError",
-                                                    "An error occurred while generating the dataset", tb)
+            tb = [
+                "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9",
+                "\nThe above exception was the direct cause of the following exception:\n",
+                "DatasetGenerationError: An error occurred while generating the dataset",
+            ]
+            raise papermill.PapermillExecutionError(
+                4, 3, "load()", "DatasetGenerationError", "An error occurred while generating the dataset", tb
+            )
 
     monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
     out = tmp_path / "out"
@@ -384,13 +465,25 @@ def test_failed_notebook_keeps_its_partial_numbers_apart(monkeypatch: pytest.Mon
 def _summary(folder: Path, f1: float, lr: float) -> Path:
     folder.mkdir(parents=True)
     run = {"profile": "smoke", "seed": 0, "knobs": {"lr": lr, "max_steps": 10}}
-    runner.write_summary({"profile": "smoke", "ok": True, "started": "t", "seconds": 1.0, "output_dir": str(folder),
-                          "notebooks": {"03_x": {"status": "ok", "seconds": 1.0, "metrics": {"f1": f1, "name": "a"},
-                                                 "run": run}}}, folder)
+    runner.write_summary(
+        {
+            "profile": "smoke",
+            "ok": True,
+            "started": "t",
+            "seconds": 1.0,
+            "output_dir": str(folder),
+            "notebooks": {
+                "03_x": {"status": "ok", "seconds": 1.0, "metrics": {"f1": f1, "name": "a"}, "run": run}
+            },
+        },
+        folder,
+    )
     return folder
 
 
-def test_results_shows_the_latest_run_and_compares_two(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_results_shows_the_latest_run_and_compares_two(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     older = _summary(tmp_path / "runs" / "smoke", 0.5, 1e-4)
     newer = _summary(tmp_path / "runs" / "mine" / "b", 0.75, 3e-4)
     os.utime(older / "summary.json", (1, 1))
@@ -402,12 +495,15 @@ def test_results_shows_the_latest_run_and_compares_two(monkeypatch: pytest.Monke
     row = next(line for line in printed.splitlines() if line.strip().startswith("f1"))
     assert row.split() == ["f1", "0.5", "0.75", "+0.25"]
     assert "lr: 0.0001 -> 0.0003" in printed and "max_steps" not in printed
-    code, printed = run_cli("results", "--compare", "smoke", str(newer))  # a profile name means runs/<profile>
+    code, printed = run_cli(
+        "results", "--compare", "smoke", str(newer)
+    )  # a profile name means runs/<profile>
     assert code == 0 and str(older) in printed
 
 
-def test_results_latest_without_any_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_results_latest_without_any_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(runner, "runs_dir", lambda: tmp_path)
     assert cli.main(["results"]) == 2
     assert "No run summary" in capsys.readouterr().err

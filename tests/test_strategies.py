@@ -27,14 +27,24 @@ from mfkit.training import History, TrainConfig
 
 
 def tiny_bert() -> BertForSequenceClassification:
-    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
-                        max_position_embeddings=32, num_labels=2)
+    config = BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
 def tiny_loaders() -> Loaders:
     """Label 1 exactly when token 5 appears: learnable in a few steps."""
-    rows = [{"input_ids": [1, 2 + i % 7, 3], "attention_mask": [1, 1, 1], "labels": int(2 + i % 7 == 5)} for i in range(56)]
+    rows = [
+        {"input_ids": [1, 2 + i % 7, 3], "attention_mask": [1, 1, 1], "labels": int(2 + i % 7 == 5)}
+        for i in range(56)
+    ]
     collate = pad_collate(0)
     return Loaders(
         train=make_loader(rows, 8, collate, seed=0),
@@ -44,8 +54,19 @@ def tiny_loaders() -> Loaders:
 
 
 def config(steps: int = 8, **overrides) -> TrainConfig:
-    return TrainConfig(**{"max_steps": steps, "lr": 1e-2, "warmup": 0, "eval_every": 4, "monitor": "eval_f1",
-                          "mode": "max", "log_every": 2, "progress": False, **overrides})
+    return TrainConfig(
+        **{
+            "max_steps": steps,
+            "lr": 1e-2,
+            "warmup": 0,
+            "eval_every": 4,
+            "monitor": "eval_f1",
+            "mode": "max",
+            "log_every": 2,
+            "progress": False,
+            **overrides,
+        }
+    )
 
 
 def test_group_sizes_add_up_to_the_model():
@@ -86,7 +107,9 @@ def test_gradual_run_counter_matches_the_unfreezing_timeline():
     set_trainable(model, groups, {"head"})
     unfreezing = GradualUnfreezing(groups, head_steps=2, every=2)
     param_groups = discriminative_param_groups(model, groups, 1e-2, 0.5, 0.0)
-    run = run_strategy("gradual", model, tiny_loaders(), config(10), param_groups=param_groups, callbacks=[unfreezing])
+    run = run_strategy(
+        "gradual", model, tiny_loaders(), config(10), param_groups=param_groups, callbacks=[unfreezing]
+    )
     sizes = group_sizes(model, groups)
     assert run.trainable == timeline_parameters(unfreezing, sizes)
     assert run.trainable_start == sizes["head"]

@@ -47,7 +47,9 @@ def test_bpe_round_trips_exactly(small_bpe):
 def test_bpe_special_tokens(small_bpe):
     assert small_bpe.eos_token == EOS_TOKEN and small_bpe.bos_token == EOS_TOKEN
     assert small_bpe.pad_token == PAD_TOKEN and small_bpe.pad_token_id != small_bpe.eos_token_id
-    assert small_bpe.encode("a man", add_special_tokens=True) == small_bpe.encode("a man", add_special_tokens=False)
+    assert small_bpe.encode("a man", add_special_tokens=True) == small_bpe.encode(
+        "a man", add_special_tokens=False
+    )
 
 
 def test_bpe_learns_merges_that_shorten_text(small_bpe):

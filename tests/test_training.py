@@ -34,7 +34,9 @@ def counting_rows(n: int = 128, length: int = 16) -> list[dict]:
 
 
 def tiny_gpt() -> GPT2LMHeadModel:
-    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -44,7 +46,9 @@ def train(steps: int = 30, callbacks=(), **overrides):
     rows = counting_rows()
     loader = make_loader(rows, 16, pad_collate(0), seed=0)
     eval_loader = make_loader(rows[:32], 16, pad_collate(0), shuffle=False)
-    config = TrainConfig(**{"max_steps": steps, "lr": 3e-3, "log_every": 5, "eval_every": 10, "progress": False, **overrides})
+    config = TrainConfig(
+        **{"max_steps": steps, "lr": 3e-3, "log_every": 5, "eval_every": 10, "progress": False, **overrides}
+    )
     return model, fit(model, loader, config, eval_loader=eval_loader, callbacks=list(callbacks))
 
 
@@ -82,6 +86,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 def test_gradient_accumulation_matches_a_bigger_batch():
     """Two micro-batches of 8 (dropout off) give the same update as one batch of 16."""
+
     def run(batch: int, accum: int) -> GPT2LMHeadModel:
         seed_everything(0)
         model = tiny_gpt()
@@ -115,7 +120,9 @@ def test_early_stopping_restores_best_weights():
         snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
         return {"score": 1.0 / calls["n"]}  # best at the first evaluation, worse afterwards
 
-    config = TrainConfig(max_steps=100, lr=1e-3, eval_every=5, patience=2, monitor="score", mode="max", progress=False)
+    config = TrainConfig(
+        max_steps=100, lr=1e-3, eval_every=5, patience=2, monitor="score", mode="max", progress=False
+    )
     history = fit(model, loader, config, eval_loader=eval_loader, eval_fn=eval_fn)
     assert history.stopped_early and history.steps == 15 and history.best_step == 5
     for name, value in model.state_dict().items():
@@ -250,7 +257,9 @@ def test_a_nan_loss_stops_fit_within_a_few_steps_and_writes_no_nan_checkpoint(tm
     seed_everything(0)
     model = tiny_gpt()
     loader = make_loader(counting_rows(), 16, pad_collate(0), seed=0)
-    config = TrainConfig(max_steps=40, lr=1e-3, log_every=20, progress=False, checkpoint_dir=tmp_path, checkpoint_every=4)
+    config = TrainConfig(
+        max_steps=40, lr=1e-3, log_every=20, progress=False, checkpoint_dir=tmp_path, checkpoint_every=4
+    )
     with pytest.raises(MfkitError, match="at step 7 of 40") as err:
         fit(model, loader, config, loss_fn=nan_after(7))
     assert "learning rate" in str(err.value) and "precision" in str(err.value)
@@ -306,12 +315,20 @@ def test_resumed_history_equals_uninterrupted_when_logging_and_checkpoints_do_no
     _, reference = train(24, callbacks=[Crash(None)], log_every=3)
     with pytest.raises(KeyboardInterrupt):
         train(24, callbacks=[Crash(13)], log_every=3, checkpoint_dir=tmp_path, checkpoint_every=8)
-    assert load_checkpoint(tmp_path / "last.pt")["ranks"][0]["window"]["steps"] == 2  # steps 7 and 8, not yet logged
+    assert (
+        load_checkpoint(tmp_path / "last.pt")["ranks"][0]["window"]["steps"] == 2
+    )  # steps 7 and 8, not yet logged
     _, resumed = train(24, callbacks=[Crash(None)], log_every=3, checkpoint_dir=tmp_path, checkpoint_every=8)
     assert resumed.resumed_from == 8
     keys = ("step", "loss", "lr", "lrs")
-    assert [{k: r[k] for k in keys} for r in resumed.train] == [{k: r[k] for k in keys} for r in reference.train]
-    assert (resumed.tokens, resumed.samples, resumed.steps) == (reference.tokens, reference.samples, reference.steps)
+    assert [{k: r[k] for k in keys} for r in resumed.train] == [
+        {k: r[k] for k in keys} for r in reference.train
+    ]
+    assert (resumed.tokens, resumed.samples, resumed.steps) == (
+        reference.tokens,
+        reference.samples,
+        reference.steps,
+    )
     assert resumed.eval == reference.eval
 
 
@@ -331,15 +348,27 @@ def test_a_stale_temporary_checkpoint_is_removed_when_a_run_starts(tmp_path):
 
 def test_checkpoint_holds_scaler_rng_per_rank_and_logging_window(tmp_path):
     """A GradScaler (fp16's loss scaling; here on the CPU) is saved and restored, so a resumed run's scale is exact."""
+
     def run(crash_at, checkpoint_dir=None):
-        config = TrainConfig(max_steps=12, lr=3e-3, log_every=5, progress=False, checkpoint_dir=checkpoint_dir,
-                             checkpoint_every=5 if checkpoint_dir else None)
+        config = TrainConfig(
+            max_steps=12,
+            lr=3e-3,
+            log_every=5,
+            progress=False,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=5 if checkpoint_dir else None,
+        )
         accelerator = make_accelerator(config)
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
         seed_everything(0)
         model = tiny_gpt()
-        fit(model, make_loader(counting_rows(), 16, pad_collate(0), seed=0), config, accelerator=accelerator,
-            callbacks=[Crash(crash_at)])
+        fit(
+            model,
+            make_loader(counting_rows(), 16, pad_collate(0), seed=0),
+            config,
+            accelerator=accelerator,
+            callbacks=[Crash(crash_at)],
+        )
         return model, accelerator.scaler
 
     reference, ref_scaler = run(None)
@@ -347,7 +376,9 @@ def test_checkpoint_holds_scaler_rng_per_rank_and_logging_window(tmp_path):
         run(7, tmp_path)
     saved = load_checkpoint(tmp_path / "last.pt")
     assert saved["step"] == 5
-    assert saved["scaler"]["scale"] == 2.0**11 and saved["scaler"]["_growth_tracker"] == 2  # grew once at step 3
+    assert (
+        saved["scaler"]["scale"] == 2.0**11 and saved["scaler"]["_growth_tracker"] == 2
+    )  # grew once at step 3
     assert len(saved["ranks"]) == 1 and set(saved["ranks"][0]) == {"rng", "window"}
     assert set(saved["ranks"][0]["rng"]) >= {"python", "numpy", "torch"}
     assert saved["ranks"][0]["window"]["steps"] == 0  # step 5 was a log point
@@ -372,7 +403,9 @@ def test_bf16_fit_leaves_the_model_in_fp32_and_a_reload_agrees(tmp_path):
     model = tiny_gpt()
     loader = make_loader(counting_rows(), 16, pad_collate(0), seed=0)
     fit(model, loader, TrainConfig(max_steps=3, lr=1e-3, progress=False, precision="no"))
-    fit(model, loader, TrainConfig(max_steps=3, lr=1e-3, progress=False, precision="bf16"))  # another precision
+    fit(
+        model, loader, TrainConfig(max_steps=3, lr=1e-3, progress=False, precision="bf16")
+    )  # another precision
     assert "forward" not in model.__dict__ and "_original_forward" not in model.__dict__
     model.save_pretrained(tmp_path)
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
@@ -424,7 +457,8 @@ def test_fit_logs_scalars_to_tensorboard_and_they_read_back(tmp_path):
     assert loss["step"].tolist() == [r["step"] for r in history.train]
     assert loss["value"].tolist() == pytest.approx([r["loss"] for r in history.train], rel=1e-6)
     assert frame[frame["tag"] == "eval/loss"]["value"].tolist() == pytest.approx(
-        [e["eval_loss"] for e in history.eval], rel=1e-6)
+        [e["eval_loss"] for e in history.eval], rel=1e-6
+    )
 
 
 def test_read_scalars_says_when_there_is_nothing(tmp_path):

@@ -11,7 +11,18 @@ import json
 import sys
 from pathlib import Path
 
-MACHINE_DEPENDENT = ("seconds", "per_s", "memory", "threads", "device", "precision", "_mb", "_ms", "time", "latency")
+MACHINE_DEPENDENT = (
+    "seconds",
+    "per_s",
+    "memory",
+    "threads",
+    "device",
+    "precision",
+    "_mb",
+    "_ms",
+    "time",
+    "latency",
+)
 BASELINES = Path(__file__).with_name("smoke.json")
 
 
@@ -25,7 +36,9 @@ def baselines_from(summary: dict) -> dict[str, dict[str, dict[str, float]]]:
     result: dict[str, dict[str, dict[str, float]]] = {}
     for notebook, entry in summary["notebooks"].items():
         if entry["status"] != "ok":
-            raise SystemExit(f"{notebook} did not run ok ({entry['status']}); fix it before taking baselines.")
+            raise SystemExit(
+                f"{notebook} did not run ok ({entry['status']}); fix it before taking baselines."
+            )
         checks = {}
         for name, value in sorted(entry["metrics"].items()):
             if any(word in name for word in MACHINE_DEPENDENT):
