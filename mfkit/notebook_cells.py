@@ -36,12 +36,14 @@ BRANCH = "main"
 SETUP_CELL = f"""{SETUP_MARKER}: a no-op where mfkit is installed; in a bare runtime (Colab, Kaggle, a new venv) it installs
 # the kit from ${SOURCE_ENV} (a git URL, a folder or a wheel), keeping the installed torch, then the embedded models.
 import importlib.metadata, importlib.util, os, subprocess, sys  # noqa: E401
+
 if importlib.util.find_spec("mfkit") is None:
     pin = [f"torch=={{importlib.metadata.version('torch')}}"] if importlib.util.find_spec("torch") else []
     source = os.environ.get("{SOURCE_ENV}", "{{source}}")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", source, *pin], check=True)
     importlib.invalidate_caches()
 import mfkit.bootstrap
+
 mfkit.bootstrap.ensure()
 env = mfkit.setup()"""
 
