@@ -126,12 +126,10 @@ class TrainConfig:
     resume: bool = True  # False: start afresh even when checkpoint_dir holds a checkpoint (it is overwritten)
     progress: bool = True
     cpu: bool = False  # force the CPU even where a GPU is present
-    compile: bool = (
-        False  # torch.compile (inductor): faster steps after the first ones, which pay for compiling
-    )
-    gradient_checkpointing: bool = (
-        False  # recompute activations during backward: less memory, ~30% more compute
-    )
+    # torch.compile (inductor): faster steps after the first ones, which pay for compiling
+    compile: bool = False
+    # recompute activations during backward: less memory, ~30% more compute
+    gradient_checkpointing: bool = False
     log_with: str | None = None  # "tensorboard": also log train/eval scalars to event files under logging_dir
     logging_dir: str | Path | None = None
     run_name: str = "fit"  # the tracker's run (a subfolder of logging_dir)
