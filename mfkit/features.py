@@ -21,6 +21,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from .classify import Loaders
 from .errors import MfkitError
 from .loaders import make_loader
+from .timing import model_inputs
 
 Rows = list[dict[str, Any]]
 
@@ -61,8 +62,7 @@ def encoder_features(
     rows: Rows = []
     for batch in tqdm(loader, desc=desc, disable=not progress):
         labels = batch["labels"]
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        cls = model.base_model(**inputs).last_hidden_state[:, 0].float().cpu()
+        cls = model.base_model(**model_inputs(batch, device)).last_hidden_state[:, 0].float().cpu()
         rows.extend(
             {"features": vector, "labels": int(label)} for vector, label in zip(cls, labels, strict=True)
         )

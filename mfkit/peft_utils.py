@@ -34,6 +34,7 @@ from torch import nn
 from .env import pick_precision
 from .errors import MfkitError, check_choice, check_positive
 from .paths import atomic_folder
+from .timing import model_inputs
 from .training import Callback, TrainState
 
 METHODS = ("lora", "adalora", "ia3", "prefix", "prompt")
@@ -295,13 +296,6 @@ def saved_size(model: nn.Module, target: str | Path | None = None) -> int:
         return folder_bytes(folder)
 
 
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak for `History.peak_memory_mb` on CUDA (a CPU process's peak RSS cannot be reset)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Merging
 
@@ -314,10 +308,6 @@ class MergeCheck:
     merged: nn.Module
     parameters_before: int
     parameters_after: int
-
-
-def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
 
 
 @torch.no_grad()
@@ -337,7 +327,7 @@ def merge_check(
         )
     source = copy.deepcopy(peft_model) if copy_model else peft_model
     device = next(source.parameters()).device
-    inputs = _to_device(batch, device)
+    inputs = model_inputs(batch, device)
     was_training = source.training
     source.eval()
     before = source(**inputs).logits.float()
