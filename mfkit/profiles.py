@@ -223,6 +223,33 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_context_tokens": 4096,
         },
     },
+    # 16 decodes with 02's tiny GPT (and SmolLM2 from the cpu profile on): every strategy on held-out Austen prompts.
+    "16_decoding-inference": {
+        "smoke": {
+            "models": ("tiny-gpt",),
+            "prompts": 4,
+            "prompt_tokens": 12,
+            "max_new_tokens": 24,
+            "cache_lengths": (8, 24, 48),
+            "batch_sizes": (1, 4),
+        },
+        "cpu": {
+            "models": ("tiny-gpt", "smollm2-135m"),
+            "prompts": 12,
+            "prompt_tokens": 16,
+            "max_new_tokens": 48,
+            "cache_lengths": (16, 32, 64, 96),
+            "batch_sizes": (1, 4, 8),
+        },
+        "gpu": {
+            "models": ("tiny-gpt", "smollm2-135m"),
+            "prompts": 40,
+            "prompt_tokens": 24,
+            "max_new_tokens": 96,
+            "cache_lengths": (32, 64, 128, 224),
+            "batch_sizes": (1, 8, 32),
+        },
+    },
 }
 
 

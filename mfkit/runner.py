@@ -38,6 +38,9 @@ NOTEBOOK_PATTERN = re.compile(r"^(\d{2})_[\w.-]+\.ipynb$")
 PARAM_TYPES = (str, int, float, bool, type(None), list, dict)
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
 ALWAYS_INJECTED = ("PROFILE", "ARTIFACTS_DIR")
+# Injected into the notebooks that have them unless `--param` says otherwise: nobody can move a widget in a
+# headless run, so interactive notebooks render one static result instead.
+HEADLESS_DEFAULTS = {"INTERACTIVE": False}
 _CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
 
 
@@ -514,7 +517,7 @@ def run_chain(
     out_dir = resolve_output(profile, output)
     artifacts = Path(params.pop("ARTIFACTS_DIR", out_dir / "artifacts")).expanduser().resolve()
     check_folders(out_dir, artifacts)
-    injected = {"PROFILE": profile, "ARTIFACTS_DIR": str(artifacts), **params}
+    injected = {**HEADLESS_DEFAULTS, "PROFILE": profile, "ARTIFACTS_DIR": str(artifacts), **params}
     graph = {nb.stem: nb.requires for nb in found}
     width = max([len(nb.stem) for nb in chosen] + [len("notebook")])
 

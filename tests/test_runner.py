@@ -507,3 +507,19 @@ def test_results_latest_without_any_run(
     monkeypatch.setattr(runner, "runs_dir", lambda: tmp_path)
     assert cli.main(["results"]) == 2
     assert "No run summary" in capsys.readouterr().err
+
+
+def test_interactive_notebooks_render_statically_unless_asked(
+    fake_papermill: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    folder = tmp_path / "nb"
+    make_chain(folder)
+    make_notebook(folder, "06_widgets", RECORD.format(stem="06_widgets"))
+    nb = nbformat.read(folder / "06_widgets.ipynb", as_version=4)
+    nb.cells[2].source = 'PROFILE = "cpu"\nARTIFACTS_DIR = "artifacts"\nINTERACTIVE = True'
+    nbformat.write(nb, folder / "06_widgets.ipynb")
+    runner.run_chain(notebooks=folder, output=tmp_path / "out", only=["1", "6"])
+    sent = {c["input"].stem: c["parameters"] for c in fake_papermill}
+    assert sent["06_widgets"]["INTERACTIVE"] is False and "INTERACTIVE" not in sent["01_record"]
+    runner.run_chain(notebooks=folder, output=tmp_path / "out2", only=["6"], params={"INTERACTIVE": True})
+    assert fake_papermill[-1]["parameters"]["INTERACTIVE"] is True

@@ -22,6 +22,8 @@ MACHINE_DEPENDENT = (
     "_ms",
     "time",
     "latency",
+    "speedup",
+    "throughput",
 )
 BASELINES = Path(__file__).with_name("smoke.json")
 
