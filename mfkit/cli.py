@@ -124,6 +124,62 @@ def _add_doctor(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=lambda args: doctor.main())
 
 
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    """Wire `mfkit predict MODEL_DIR --input FILE --output FILE`."""
+    from . import predict
+
+    parser = subparsers.add_parser(
+        "predict",
+        help="batch prediction of a CSV/JSONL file with a saved classifier",
+        description=predict.__doc__,
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved classifier folder")
+    parser.add_argument("--input", required=True, help="a .csv or .jsonl file with one text per row")
+    parser.add_argument("--output", required=True, help="where to write the rows with label and probability")
+    parser.add_argument("--text-column", default="text", help="the column holding the text (default: text)")
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
+    parser.add_argument("--threshold", type=float, default=None, help="override the saved decision threshold")
+    parser.set_defaults(
+        handler=lambda args: (
+            print(
+                "wrote",
+                predict.predict_file(
+                    args.model_dir, args.input, args.output, args.text_column, args.batch_size, args.threshold
+                ),
+            )
+            or 0
+        )
+    )
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    """Wire `mfkit serve MODEL_DIR`."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a saved classifier over HTTP (JSON in/out, batched)",
+        description='Serve a saved classifier: GET /health, POST /predict with {"texts": [...]}. Concurrent '
+        "requests are batched; oversized requests get a 4xx with a message.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved classifier folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--max-batch", type=int, default=32, help="texts per batched forward pass")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more texts"
+    )
+    parser.add_argument("--max-texts", type=int, default=64, help="texts allowed in one request")
+    parser.add_argument("--max-chars", type=int, default=20_000, help="characters allowed per text")
+
+    def run(args: argparse.Namespace) -> int:
+        from . import serve
+
+        limits = serve.Limits(args.max_texts, args.max_chars, args.max_batch, args.max_wait_ms)
+        serve.serve(args.model_dir, args.host, args.port, limits)
+        return 0
+
+    parser.set_defaults(handler=run)
+
+
 def _cmd_notebooks(args: argparse.Namespace) -> int:
     """`mfkit notebooks DIR`: copy the notebooks, print what was written."""
     from .notebook_cells import copy_notebooks
@@ -142,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(subparsers)
     _add_notebooks(subparsers)
     _add_doctor(subparsers)
+    _add_predict(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

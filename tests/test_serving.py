@@ -1,0 +1,189 @@
+"""Batch prediction and the HTTP endpoint, end to end with a tiny classifier saved like the chain saves one."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import mfkit
+from mfkit import predict, serve
+from mfkit.cli import main
+from mfkit.errors import MfkitError
+
+TEXTS = ["win money now", "meeting at noon", "cheap pills online", "the report is attached", "free prize!!!"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    tokenizer = mfkit.load_tokenizer("minilm")
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+        id2label={0: "ham", 1: "spam"},
+        label2id={"ham": 0, "spam": 1},
+    )
+    folder = tmp_path_factory.mktemp("model") / "clf"
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_threshold_decides_two_classes_and_temperature_softens(model_dir):
+    predictor = predict.Predictor.load(model_dir)
+    probs = predictor.probabilities(TEXTS, batch_size=2)
+    assert probs.shape == (5, 2) and np.allclose(probs.sum(1), 1)
+    cut = float(np.median(probs[:, 1]))
+    predictor.threshold = cut
+    assert [p["label"] == "spam" for p in predictor.predict(TEXTS)] == list(probs[:, 1] >= cut)
+    predictor.temperature = 10.0
+    assert np.abs(predictor.probabilities(TEXTS)[:, 1] - 0.5).max() < np.abs(probs[:, 1] - 0.5).max()
+    (model_dir / predict.SERVING_CONFIG).write_text(json.dumps({"threshold": 0.9, "max_length": 16}))
+    try:
+        saved = predict.Predictor.load(model_dir)
+        assert saved.threshold == 0.9 and saved.max_length == 16
+        assert predict.Predictor.load(model_dir, threshold=0.2).threshold == 0.2
+    finally:
+        (model_dir / predict.SERVING_CONFIG).unlink()
+
+
+def test_predict_file_adds_label_and_probability_equal_to_the_predictor(model_dir, tmp_path):
+    source = tmp_path / "mails.csv"
+    pd.DataFrame({"id": range(5), "body": TEXTS}).to_csv(source, index=False)
+    out = tmp_path / "out" / "pred.jsonl"
+    code = main(
+        ["predict", str(model_dir), "--input", str(source), "--output", str(out), "--text-column", "body"]
+    )
+    assert code == 0
+    rows = pd.read_json(out, lines=True)
+    expected = predict.Predictor.load(model_dir).predict(TEXTS)
+    assert rows["label"].tolist() == [e["label"] for e in expected]
+    assert rows["probability"].to_numpy() == pytest.approx([e["probability"] for e in expected], abs=1e-6)
+    assert rows["id"].tolist() == list(range(5))
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "args", "message"),
+    [
+        ("", "empty.csv", [], "is empty"),
+        ("text\n", "header.csv", [], "no rows"),
+        ("body\nhello\n", "other.csv", [], "no column 'text'"),
+        ("id,text\n1,hello\n2,\n", "blank.csv", [], "empty text in row(s) 2"),
+        ('{"text": "a"}\n', "ok.txt", [], "unknown file type"),
+    ],
+)
+def test_bad_input_files_stop_with_one_message_and_write_nothing(
+    model_dir, tmp_path, capsys, content, name, args, message
+):
+    source = tmp_path / name
+    source.write_text(content)
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(model_dir), "--input", str(source), "--output", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".pred.csv*"))
+
+
+def test_a_folder_that_is_not_a_model_is_named(tmp_path):
+    with pytest.raises(MfkitError, match="not a saved classifier"):
+        predict.Predictor.load(tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mfkit.cli",
+            "serve",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--max-texts",
+            "4",
+            "--max-chars",
+            "200",
+            "--max-wait-ms",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail(process.stdout.read().decode())
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_the_endpoint_answers_like_the_predictor(server, model_dir):
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server}/health", timeout=30) as answer:
+        health = json.loads(answer.read())
+    assert health["status"] == "ok" and health["labels"] == ["ham", "spam"]
+    status, body = serve.post_json(f"{server}/predict", {"texts": TEXTS[:3]})
+    expected = predict.Predictor.load(model_dir).predict(TEXTS[:3])
+    assert status == 200 and [p["label"] for p in body["predictions"]] == [e["label"] for e in expected]
+    assert [p["probability"] for p in body["predictions"]] == pytest.approx(
+        [e["probability"] for e in expected], abs=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        ({"texts": []}, 422),
+        ({"texts": ["a"] * 5}, 413),
+        ({"texts": ["x" * 201]}, 413),
+        ({"text": "a"}, 422),
+        ({"texts": [3]}, 422),
+    ],
+)
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, payload, status):
+    code, body = serve.post_json(f"{server}/predict", payload)
+    assert code == status and body.get("detail")
+    assert serve.post_json(f"{server}/predict", {"texts": ["still there?"]})[0] == 200
+
+
+def test_concurrent_clients_are_batched_and_measured(server):
+    import urllib.request
+
+    def batches_run() -> int:
+        with urllib.request.urlopen(f"{server}/health", timeout=30) as answer:
+            return json.loads(answer.read())["batches_run"]
+
+    before = batches_run()
+    report = serve.load_test(server, TEXTS, clients=8, requests_per_client=3)
+    assert report["requests"] == 24 and report["failed"] == 0
+    assert 0 < report["p50_ms"] <= report["p99_ms"] and report["requests_per_s"] > 0
+    assert batches_run() - before < 24  # fewer forward passes than requests: concurrent texts shared batches
