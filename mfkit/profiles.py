@@ -250,6 +250,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "batch_sizes": (1, 8, 32),
         },
     },
+    # 17 reads the chain's ledger and saved models; its own knobs size the timing and the load test.
+    "17_pipeline-serving": {
+        "smoke": {"tolerance": 0.01, "clients": (1, 8), "requests_per_client": 4, "speed_texts": 8},
+        "cpu": {"tolerance": 0.01, "clients": (1, 8, 32), "requests_per_client": 8, "speed_texts": 32},
+        "gpu": {"tolerance": 0.01, "clients": (1, 8, 32), "requests_per_client": 16, "speed_texts": 64},
+    },
 }
 
 

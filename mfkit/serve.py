@@ -11,12 +11,15 @@ message and the server keeps serving.
 import asyncio
 import concurrent.futures
 import json
+import socket
 import statistics
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +145,48 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Lim
 
     predictor = Predictor.load(model_dir)
     uvicorn.run(create_app(predictor, limits), host=host, port=port, log_level="warning")
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model_dir: str, *options: str, start_timeout: float = 120.0) -> Iterator[str]:
+    """`mfkit serve MODEL_DIR *options` in its own process on a free local port; yields its URL, stops it after.
+
+    A server that exits before it listens raises `MfkitError` with the end of its error output.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "mfkit.cli", "serve", str(model_dir), "--port", str(port), *options]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if process.poll() is not None:
+                    message = process.stderr.read().decode(errors="replace")[-2000:]
+                    raise MfkitError(
+                        f"mfkit serve stopped before listening:\n{message}", "fix the error above."
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise MfkitError(
+                        f"mfkit serve did not listen within {start_timeout:.0f} s.", "check the model folder."
+                    ) from None
+                time.sleep(0.25)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 # --------------------------------------------------------------------------------------------------------------

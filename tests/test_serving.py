@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -102,47 +98,12 @@ def test_a_folder_that_is_not_a_model_is_named(tmp_path):
         predict.Predictor.load(tmp_path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(model_dir):
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mfkit.cli",
-            "serve",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--max-texts",
-            "4",
-            "--max-chars",
-            "200",
-            "--max-wait-ms",
-            "20",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(process.stdout.read().decode())
-            time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serve.running_server(
+        model_dir, "--max-texts", "4", "--max-chars", "200", "--max-wait-ms", "20"
+    ) as url:
+        yield url
 
 
 def test_the_endpoint_answers_like_the_predictor(server, model_dir):

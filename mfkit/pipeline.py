@@ -1,0 +1,210 @@
+"""The chain's summary for the spam task: every optimization step's numbers read from the ledger, and the export
+of the chosen model (safetensors + tokenizer, the decision rule, a model card, ONNX) for `mfkit predict` and
+`mfkit serve`.
+
+The waterfall reads what each notebook recorded in this run's artifacts; a notebook that did not run is named
+in its row ("run notebook NN first"), never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .classify import CARD_NAME
+from .errors import MfkitError
+from .paths import atomic_folder
+from .predict import SERVING_CONFIG
+from .results import load_results
+
+
+@dataclass(frozen=True)
+class Step:
+    """One row of the waterfall: where its numbers are recorded and where its model is saved (if it is)."""
+
+    name: str
+    notebook: str
+    f1: str
+    seconds: str | None = None
+    folder: str | None = None  # under ARTIFACTS_DIR/models
+
+
+STEPS: tuple[Step, ...] = (
+    Step("TF-IDF + logistic regression", "03_full-finetuning", "baseline_f1"),
+    Step("full fine-tuning", "03_full-finetuning", "test_f1", "train_seconds", "03-classifier"),
+    Step("multi-step (ULMFiT)", "04_multistep-finetuning", "ulmfit_f1", "ulmfit_seconds"),
+    Step("LoRA (best rank)", "05_peft-lora", "best_lora_f1"),
+)
+
+
+def _value(results: Mapping[str, Any], key: str | None) -> float:
+    value = results.get(key) if key else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else np.nan
+
+
+def waterfall(artifacts: str | Path, steps: Sequence[Step] = STEPS) -> pd.DataFrame:
+    """One row per step: test F1, its difference to full fine-tuning, training seconds, and what was missing."""
+    rows = []
+    cache: dict[str, dict[str, Any]] = {}
+    for step in steps:
+        if step.notebook not in cache:
+            try:
+                cache[step.notebook] = load_results(step.notebook, artifacts)
+            except (MfkitError, FileNotFoundError):
+                cache[step.notebook] = {}
+        results = cache[step.notebook]
+        f1 = _value(results, step.f1)
+        if not results:
+            status = f"not run: run notebook {step.notebook} first"
+        elif np.isnan(f1):
+            status = f"{step.notebook} recorded no {step.f1!r}"
+        else:
+            status = "ok"
+        rows.append(
+            {
+                "step": step.name,
+                "notebook": step.notebook[:2],
+                "test F1": f1,
+                "train seconds": _value(results, step.seconds),
+                "model folder": step.folder or "",
+                "status": status,
+            }
+        )
+    table = pd.DataFrame(rows).set_index("step")
+    full = table.loc[table["model folder"] == "03-classifier", "test F1"]
+    table.insert(2, "F1 - full", table["test F1"] - (full.iloc[0] if len(full) else np.nan))
+    return table
+
+
+def choose(table: pd.DataFrame, tolerance: float = 0.01) -> str:
+    """The fastest saved model (lowest latency) whose test F1 is within `tolerance` of full fine-tuning's."""
+    saved = table[(table["model folder"] != "") & (table["status"] == "ok") & table["latency ms"].notna()]
+    good = saved[saved["F1 - full"] >= -tolerance]
+    if good.empty:
+        raise MfkitError(
+            "no saved model is within tolerance of full fine-tuning, or none was measured.",
+            "run notebook 03 first (its classifier is always a candidate), or raise the tolerance.",
+        )
+    return str(good["latency ms"].idxmin())
+
+
+def model_card(
+    name: str, settings: Mapping[str, Any], scores: Mapping[str, Any], serving: Mapping[str, Any], limits: str
+) -> str:
+    """A short model card (Markdown): what the model is, its data and numbers, its decision rule, its limits."""
+    lines = [
+        f"# {name}",
+        "",
+        f"Exported by mfkit on {datetime.now(timezone.utc):%Y-%m-%d}.",
+        "",
+        "## Data and training",
+        "",
+        *[f"- {k}: {v}" for k, v in sorted(settings.items()) if v is not None],
+        "",
+        "## Test scores (from the run that produced it)",
+        "",
+        *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(scores.items())],
+        "",
+        "## Decision rule",
+        "",
+        *[f"- {k}: {v}" for k, v in sorted(serving.items())],
+        "",
+        "## Limits",
+        "",
+        limits,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_onnx(
+    model: torch.nn.Module, tokenizer: Any, path: Path, max_length: int, texts: Sequence[str]
+) -> float:
+    """Write `model` as ONNX (dynamic batch and length) and return the largest |ONNX - PyTorch| logit difference
+    on `texts` (ONNX Runtime on the CPU)."""
+    import onnxruntime
+
+    model = model.eval().cpu()
+    sample = tokenizer(
+        list(texts[:2]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    axes = {
+        "input_ids": {0: "batch", 1: "length"},
+        "attention_mask": {0: "batch", 1: "length"},
+        "logits": {0: "batch"},
+    }
+    torch.onnx.export(
+        model,
+        (sample["input_ids"], sample["attention_mask"]),
+        str(path),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_axes=axes,
+        dynamo=False,
+    )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    onnx_logits = session.run(None, {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")})[
+        0
+    ]
+    with torch.no_grad():
+        torch_logits = model(
+            **{k: torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask")}
+        ).logits
+    return float(np.abs(onnx_logits - torch_logits.numpy()).max())
+
+
+def export_model(
+    source: str | Path,
+    target: str | Path,
+    serving: Mapping[str, Any],
+    card: str,
+    onnx_texts: Sequence[str] = (),
+) -> tuple[Path, float | None]:
+    """Copy the saved model `source` to `target` with its serving rule and model card, plus ONNX when
+    `onnx_texts` are given and ONNX Runtime is installed; all in one rename. Returns the folder and the ONNX check
+    (None when not exported)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = Path(source)
+    if not (source / "config.json").is_file():
+        raise MfkitError(
+            f"{source} is not a saved classifier.", "export a folder written by save_pretrained."
+        )
+    difference = None
+    with atomic_folder(target) as staging:
+        for item in source.iterdir():
+            if item.is_file():
+                shutil.copy2(item, staging / item.name)
+        (staging / SERVING_CONFIG).write_text(json.dumps(dict(serving), indent=2, sort_keys=True))
+        (staging / "README.md").write_text(card)
+        if onnx_texts and _has_onnxruntime():
+            model = AutoModelForSequenceClassification.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            difference = export_onnx(
+                model, tokenizer, staging / "model.onnx", serving["max_length"], onnx_texts
+            )
+    return Path(target).resolve(), difference
+
+
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return (
+        importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    )
+
+
+def read_card(folder: str | Path) -> dict[str, Any]:
+    """The card a notebook saved beside its model (`settings`, `scores`), or {} when there is none."""
+    path = Path(folder) / CARD_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}

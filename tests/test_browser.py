@@ -1,0 +1,153 @@
+"""The decoding playground in a real browser: JupyterLab on localhost, headless Chromium (Debian's package, driven by
+Selenium with the system driver: nothing is downloaded), notebook 16 run in it, a slider moved, the output changed.
+
+Skips with the reason when the browser, its driver, Selenium or JupyterLab is missing (`.ci/setup` installs them).
+A screenshot of the playground after the move is kept in `runs/browser/`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mfkit.cli import main
+from mfkit.paths import notebooks_dir, runs_dir
+
+pytestmark = [pytest.mark.browser, pytest.mark.notebooks, pytest.mark.slow]
+NOTEBOOK = "16_decoding-inference.ipynb"
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver") or (
+    "/usr/lib/chromium/chromedriver" if Path("/usr/lib/chromium/chromedriver").exists() else None
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A parameterized copy of notebook 16 (smoke, its own artifacts from 01-02) served by JupyterLab."""
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
+    pytest.importorskip("jupyterlab", reason="JupyterLab is not installed (pip install jupyterlab)")
+    if not (BROWSER and DRIVER):
+        pytest.skip("Chromium and its driver are not installed (apt-get install chromium chromium-driver)")
+    import papermill
+
+    root = tmp_path_factory.mktemp("lab")
+    assert main(["run", "--profile", "smoke", "--only", "01,02", "--output", str(root / "run")]) == 0
+    papermill.execute_notebook(
+        notebooks_dir() / NOTEBOOK,
+        root / NOTEBOOK,
+        parameters={
+            "PROFILE": "smoke",
+            "ARTIFACTS_DIR": str(root / "run" / "artifacts"),
+            "INTERACTIVE": True,
+        },
+        prepare_only=True,
+    )
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            f"--port={port}",
+            "--ServerApp.token=",
+            "--ServerApp.password=",
+            f"--ServerApp.root_dir={root}",
+            "--allow-root",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"},
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_moving_a_slider_changes_the_playground_output(lab, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(lab)
+    wait = WebDriverWait(browser, 240)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")))
+    wait.until(
+        ec.presence_of_element_located(
+            (By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']")
+        )
+    )
+    menu = wait.until(
+        ec.element_to_be_clickable((By.XPATH, "//li[contains(@class,'lm-MenuBar-item')][.//*[text()='Run']]"))
+    )
+    menu.click()
+    wait.until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, "li[data-command='notebook:run-all-cells']"))
+    ).click()
+    output = WebDriverWait(browser, 600).until(
+        lambda d: next(
+            (
+                e
+                for e in d.find_elements(By.CSS_SELECTOR, ".mfkit-playground-output")
+                if e.find_elements(By.TAG_NAME, "img")
+            ),
+            None,
+        )
+    )
+    before = output.get_attribute("innerHTML")
+    slider = browser.find_element(
+        By.XPATH, "//div[contains(@class,'widget-slider')][.//*[normalize-space(text())='temperature']]"
+    )
+    handle = slider.find_element(By.CSS_SELECTOR, ".noUi-handle")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", handle)
+    handle.click()
+    for _ in range(8):
+        handle.send_keys(Keys.ARROW_RIGHT)
+    WebDriverWait(browser, 240).until(
+        lambda d: (
+            (e := d.find_element(By.CSS_SELECTOR, ".mfkit-playground-output")).find_elements(
+                By.TAG_NAME, "img"
+            )
+            and e.get_attribute("innerHTML") != before
+        )
+    )
+    folder = runs_dir() / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(folder / "playground.png"))
+    readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout").text
+    assert float(readout) > 0.8

@@ -1,0 +1,91 @@
+"""The chain's waterfall read from ledgers, the choice rule, and the export (serving rule, card, ONNX check)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import mfkit
+from mfkit import pipeline, serve
+from mfkit.errors import MfkitError
+from mfkit.predict import SERVING_CONFIG, Predictor
+from mfkit.results import ledger_path
+
+
+def write_ledger(artifacts, notebook, values):
+    path = ledger_path(notebook, artifacts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values))
+
+
+def test_the_waterfall_reads_each_step_and_names_what_did_not_run(tmp_path):
+    write_ledger(
+        tmp_path, "03_full-finetuning", {"baseline_f1": 0.9, "test_f1": 0.95, "train_seconds": 100.0}
+    )
+    write_ledger(tmp_path, "04_multistep-finetuning", {"ulmfit_seconds": 80.0})
+    table = pipeline.waterfall(tmp_path)
+    assert table.loc["full fine-tuning", "test F1"] == 0.95
+    assert table.loc["TF-IDF + logistic regression", "F1 - full"] == pytest.approx(-0.05)
+    assert table.loc["multi-step (ULMFiT)", "status"] == "04_multistep-finetuning recorded no 'ulmfit_f1'"
+    assert table.loc["LoRA (best rank)", "status"] == "not run: run notebook 05_peft-lora first"
+    assert table.loc["full fine-tuning", "status"] == "ok"
+
+
+def test_choose_takes_the_fastest_model_within_the_tolerance(tmp_path):
+    write_ledger(tmp_path, "03_full-finetuning", {"baseline_f1": 0.9, "test_f1": 0.95})
+    steps = (
+        pipeline.Step("full", "03_full-finetuning", "test_f1", folder="03-classifier"),
+        pipeline.Step("fast but bad", "03_full-finetuning", "baseline_f1", folder="x"),
+    )
+    table = pipeline.waterfall(tmp_path, steps)
+    table["latency ms"] = [10.0, 1.0]
+    assert pipeline.choose(table, tolerance=0.01) == "full"
+    assert pipeline.choose(table, tolerance=0.06) == "fast but bad"
+    table["latency ms"] = np.nan
+    with pytest.raises(MfkitError, match="within tolerance"):
+        pipeline.choose(table)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    torch.manual_seed(0)
+    tokenizer = mfkit.load_tokenizer("minilm")
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        id2label={0: "ham", 1: "spam"},
+        label2id={"ham": 0, "spam": 1},
+    )
+    folder = tmp_path_factory.mktemp("m") / "03-classifier"
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_export_carries_the_rule_and_the_card_and_onnx_matches(saved_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    serving = {"threshold": 0.7, "temperature": 1.5, "max_length": 32, "positive": 1}
+    card = pipeline.model_card("test model", {"dataset": "spam"}, {"test_f1": 0.5}, serving, "none known")
+    target, difference = pipeline.export_model(
+        saved_model, tmp_path / "export", serving, card, ["hello", "win now"]
+    )
+    assert json.loads((target / SERVING_CONFIG).read_text()) == serving
+    assert "## Limits" in (target / "README.md").read_text() and "test_f1: 0.5000" in card
+    assert (target / "model.onnx").is_file() and difference < 1e-4
+    predictor = Predictor.load(target)
+    assert (predictor.threshold, predictor.temperature, predictor.max_length) == (0.7, 1.5, 32)
+    with pytest.raises(MfkitError, match="not a saved classifier"):
+        pipeline.export_model(tmp_path, tmp_path / "again", serving, card)
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path):
+    with pytest.raises(MfkitError, match="stopped before listening"), serve.running_server(tmp_path):
+        pass
