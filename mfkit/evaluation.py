@@ -344,7 +344,9 @@ def ledger_metrics(
             value = baseline = f"run notebook {number} first"
         else:
             value = _formatted(found, spec["key"], number, digits)
-            baseline = _formatted(found, spec["baseline_key"], number, digits) if spec.get("baseline_key") else ""
+            baseline = (
+                _formatted(found, spec["baseline_key"], number, digits) if spec.get("baseline_key") else ""
+            )
         rows.append(
             {
                 "task": spec["task"],

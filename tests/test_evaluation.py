@@ -65,7 +65,9 @@ def test_threshold_is_chosen_on_the_validation_arrays_only():
     assert ev.f1_of_positive(val_labels, ev.apply_threshold(val_scores, threshold)) == pytest.approx(f1)
     grid = [ev.f1_of_positive(val_labels, ev.apply_threshold(val_scores, t)) for t in np.unique(val_scores)]
     assert f1 == pytest.approx(max(grid))
-    assert ev.f1_of_positive(val_labels, val_scores > 0.5) == pytest.approx(f1_score(val_labels, val_scores > 0.5))
+    assert ev.f1_of_positive(val_labels, val_scores > 0.5) == pytest.approx(
+        f1_score(val_labels, val_scores > 0.5)
+    )
     # The signature takes no test data; the same validation arrays give the same threshold whatever else exists,
     # and changing validation labels changes it.
     assert ev.choose_threshold(val_labels.copy(), val_scores.copy()) == (threshold, f1)
@@ -113,7 +115,9 @@ def test_paired_intervals_are_narrower_than_unpaired_ones_when_models_agree():
     paired = ev.paired_bootstrap(labels, preds_a, preds_b, n_resamples=300, seed=0)
     single_a = ev.bootstrap_ci(labels, preds_a, n_resamples=300, seed=0)
     single_b = ev.bootstrap_ci(labels, preds_b, n_resamples=300, seed=0)
-    assert paired["high"] - paired["low"] < (single_a["high"] - single_a["low"]) + (single_b["high"] - single_b["low"])
+    assert paired["high"] - paired["low"] < (single_a["high"] - single_a["low"]) + (
+        single_b["high"] - single_b["low"]
+    )
     assert single_a["low"] <= single_a["value"] <= single_a["high"]
     with pytest.raises(MfkitError, match="length"):
         ev.bootstrap_ci(labels, preds_a[:-1])
@@ -149,7 +153,12 @@ def test_ledger_metrics_names_the_notebook_to_run_when_its_ledger_is_missing(tmp
             "baseline_key": "unigram_perplexity",
         },
         {"task": "LM", "metric": "other", "notebook": "02_pretraining-tiny-lm", "key": "missing_key"},
-        {"task": "spans", "metric": "entity F1", "notebook": "09_transfer-token-classification", "key": "entity_f1"},
+        {
+            "task": "spans",
+            "metric": "entity F1",
+            "notebook": "09_transfer-token-classification",
+            "key": "entity_f1",
+        },
     ]
     rows = ev.ledger_metrics(specs, tmp_path, digits=1)
     assert rows[0]["value"] == "130.5" and rows[0]["baseline"] == "600.2"
