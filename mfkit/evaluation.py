@@ -232,10 +232,11 @@ def paired_bootstrap(
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """metric(a) - metric(b) on the same examples, with a percentile interval from resampling the examples
     *together* (both models are scored on each resample, so what the two share cancels out). Also the share of
-    resamples where a did not beat b (`share_not_better`). Keys: difference, low, high, share_not_better."""
+    resamples where a did not beat b (`share_not_better`) and the resampled differences themselves (`draws`).
+    Keys: difference, low, high, share_not_better, draws."""
     labels, preds_a, preds_b = np.asarray(labels), np.asarray(preds_a), np.asarray(preds_b)
 
     def difference(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -248,6 +249,7 @@ def paired_bootstrap(
         "low": float(ci.low),
         "high": float(ci.high),
         "share_not_better": float(np.mean(result.bootstrap_distribution <= 0)),
+        "draws": np.asarray(result.bootstrap_distribution),
     }
 
 

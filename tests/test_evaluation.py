@@ -101,8 +101,11 @@ def test_paired_bootstrap_contains_the_true_difference_and_repeats_under_a_seed(
     assert out["low"] <= 0.10 <= out["high"]
     assert out["low"] < out["difference"] < out["high"]
     assert out["share_not_better"] == 0.0
-    assert ev.paired_bootstrap(labels, preds_a, preds_b, metric=_accuracy, n_resamples=500, seed=0) == out
-    assert ev.paired_bootstrap(labels, preds_a, preds_b, metric=_accuracy, n_resamples=500, seed=1) != out
+    again = ev.paired_bootstrap(labels, preds_a, preds_b, metric=_accuracy, n_resamples=500, seed=0)
+    other = ev.paired_bootstrap(labels, preds_a, preds_b, metric=_accuracy, n_resamples=500, seed=1)
+    assert (again["low"], again["high"]) == (out["low"], out["high"])
+    np.testing.assert_array_equal(again["draws"], out["draws"])
+    assert len(out["draws"]) == 500 and not np.array_equal(other["draws"], out["draws"])
 
 
 def test_paired_intervals_are_narrower_than_unpaired_ones_when_models_agree():
