@@ -267,16 +267,19 @@ def error_reasons(
     group: str | None = None,
     other_score: float | None = None,
     margin: float = 0.1,
+    short: int = 32,
 ) -> str:
-    """A short, data-derived note on why one mail may have been misclassified (not a diagnosis)."""
+    """A short, data-derived note on why one mail may have been misclassified (not a diagnosis): within `margin`
+    of the threshold or far from it, cut at `max_length` or under `short` tokens, from a "hard" source group,
+    and whether the other model's score (at 0.5) was right."""
     reasons = []
     if abs(score - threshold) < margin:
         reasons.append("near the threshold")
     elif (score >= threshold) != bool(label):
-        reasons.append("confidently wrong")
+        reasons.append("far from the threshold")
     if tokens >= max_length:
         reasons.append(f"cut at {max_length} tokens")
-    elif tokens < 32:
+    elif tokens < short:
         reasons.append("very short")
     if group and group.startswith("hard"):
         reasons.append(f"from {group}")

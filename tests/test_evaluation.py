@@ -138,7 +138,7 @@ def test_error_table_lists_the_wrong_rows_with_reasons():
         other_scores=[0.9, 0.1, 0.9, 0.2],
     )
     assert list(table.index) == [1, 0, 3]  # most confidently wrong first
-    assert table.loc[1, "reason"] == "confidently wrong; very short; from hard-ham-1; baseline right"
+    assert table.loc[1, "reason"] == "far from the threshold; very short; from hard-ham-1; baseline right"
     assert "cut at 64 tokens" in table.loc[0, "reason"]
     assert table.loc[3, "reason"].startswith("near the threshold")
 
