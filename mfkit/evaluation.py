@@ -14,6 +14,7 @@ Probabilities are softmax outputs of shape [n, C]; labels are class ids. Everyth
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -196,6 +197,8 @@ def _bootstrap(samples: tuple, statistic: Callable, n_resamples: int, confidence
         raise MfkitError(
             "the arrays to resample differ in length or are empty.", "pass one entry per test example."
         )
+    # scipy >= 1.15 takes the generator as `rng`; older versions (pyproject allows 1.10) as `random_state`
+    seeding = "rng" if "rng" in inspect.signature(bootstrap).parameters else "random_state"
     return bootstrap(
         samples,
         statistic,
@@ -204,7 +207,7 @@ def _bootstrap(samples: tuple, statistic: Callable, n_resamples: int, confidence
         n_resamples=n_resamples,
         confidence_level=confidence,
         method="percentile",
-        rng=np.random.default_rng(seed),
+        **{seeding: np.random.default_rng(seed)},
     )
 
 
