@@ -366,27 +366,39 @@ def tfidf_pipeline(
     )
 
 
-def tfidf_baseline(
+@dataclass(frozen=True)
+class TfidfModel:
+    """The fitted baseline: a TF-IDF + logistic regression pipeline, its chosen C, and the seconds fitting took."""
+
+    pipeline: Any
+    c: float
+    seconds: float
+
+    def predict_proba(self, texts: Sequence[str | None]) -> np.ndarray:
+        """Class probabilities [n, C] of `texts` (None counts as an empty text)."""
+        return self.pipeline.predict_proba([t or "" for t in texts])
+
+
+def fit_tfidf(
     dsdict: Mapping[str, Any],
     text_column: str = "text",
     label_column: str = "label",
     positive: int = 1,
     cs: Sequence[float] = (1.0, 10.0, 100.0),
-    split: str = "test",
     **pipeline_kw: Any,
-) -> dict[str, float]:
-    """TF-IDF + logistic regression: fit on `train`, pick C on `validation` (by F1), score on `split`.
+) -> TfidfModel:
+    """TF-IDF + logistic regression fitted on `train`, its C chosen on `validation` (by F1 of `positive`).
 
     The vectorizer is fitted once on the training texts; one logistic regression per C is fitted on its features.
-    Returns the scores of `classification_scores` on `split`, the chosen `c`, and the time of all the fitting,
-    the choice of C included, in `seconds`. Keyword arguments go to `tfidf_pipeline` (e.g. `min_df=1` for a
-    handful of texts, `ngram_range=(1, 2)` for word pairs).
+    `seconds` is the time of all the fitting, the choice of C included. Keyword arguments go to `tfidf_pipeline`
+    (e.g. `min_df=1` for a handful of texts, `ngram_range=(1, 2)` for word pairs).
     """
     from sklearn.base import clone
+    from sklearn.pipeline import Pipeline
 
-    _check_splits(dsdict, ("train", "validation", split))
+    _check_splits(dsdict, ("train", "validation"))
     _check_columns(dsdict, text_column, label_column)
-    texts = {name: [t or "" for t in dsdict[name][text_column]] for name in ("train", "validation", split)}
+    texts = {name: [t or "" for t in dsdict[name][text_column]] for name in ("train", "validation")}
     labels = {name: _label_array(dsdict[name], label_column, name) for name in texts}
     if len(np.unique(labels["train"])) < 2:
         raise MfkitError(
@@ -411,5 +423,27 @@ def tfidf_baseline(
             best = (f1, c, logreg)
     seconds = time.perf_counter() - start
     _, c, logreg = best
-    preds = logreg.predict(pipeline["tfidf"].transform(texts[split]))
-    return {**classification_scores(labels[split], preds, positive), "c": float(c), "seconds": seconds}
+    fitted = Pipeline([("tfidf", pipeline["tfidf"]), ("logreg", logreg)])
+    return TfidfModel(fitted, float(c), seconds)
+
+
+def tfidf_baseline(
+    dsdict: Mapping[str, Any],
+    text_column: str = "text",
+    label_column: str = "label",
+    positive: int = 1,
+    cs: Sequence[float] = (1.0, 10.0, 100.0),
+    split: str = "test",
+    **pipeline_kw: Any,
+) -> dict[str, float]:
+    """TF-IDF + logistic regression: fit on `train`, pick C on `validation` (by F1), score on `split`.
+
+    Returns the scores of `classification_scores` on `split`, the chosen `c`, and the time of all the fitting,
+    the choice of C included, in `seconds` (see `fit_tfidf`, which returns the fitted model itself).
+    """
+    _check_splits(dsdict, ("train", "validation", split))
+    _check_columns(dsdict, text_column, label_column)
+    labels = _label_array(dsdict[split], label_column, split)
+    model = fit_tfidf(dsdict, text_column, label_column, positive, cs, **pipeline_kw)
+    preds = model.pipeline.predict([t or "" for t in dsdict[split][text_column]])
+    return {**classification_scores(labels, preds, positive), "c": model.c, "seconds": model.seconds}
