@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,7 +29,9 @@ from .training import Callback, TrainState
 SEARCH_SPLITS = ("train", "validation")
 COST_STEPS = "steps"  # user attributes every trial stores: optimizer steps and training examples it ran
 COST_EXAMPLES = "examples"
+COST_SECONDS = "seconds"
 FULL_STEPS = "full_steps"  # the steps it would have run unpruned
+COSTS = (COST_STEPS, COST_EXAMPLES, COST_SECONDS, FULL_STEPS)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -55,6 +58,30 @@ class Dim:
                 f"The range [{self.low}, {self.high}]{' (log scale)' if self.log else ''} is not a valid range.",
                 "give low <= high, both finite, and low > 0 on a log scale.",
             )
+
+
+# The spaces notebook 11 searches on MiniLM, by training method, and the defaults the grid keeps for the dimensions
+# it does not vary (the notebook takes the rest, learning rate, warmup and batch size, from notebook 03's card).
+# For LoRA, the default rate and rank are notebook 05's; weight decay is `TrainConfig`'s default, which 03 used.
+SPACES: dict[str, dict[str, Any]] = {
+    "full": {
+        "lr": [1e-5, 1e-3, "log"],
+        "warmup": [0.0, 0.3],
+        "weight_decay": [0.0, 0.1],
+        "batch_size": {"choices": [8, 16, 32]},
+    },
+    "lora": {
+        "lr": [1e-4, 1e-2, "log"],
+        "warmup": [0.0, 0.3],
+        "weight_decay": [0.0, 0.1],
+        "batch_size": {"choices": [8, 16, 32]},
+        "rank": {"choices": [2, 4, 8, 16]},
+    },
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "full": {"weight_decay": 0.01},
+    "lora": {"lr": 1e-3, "weight_decay": 0.01, "rank": 8},
+}
 
 
 def space_from(spec: Mapping[str, Any]) -> dict[str, Dim]:
@@ -115,9 +142,8 @@ def grid_values(dim: Dim, levels: int) -> list:
     if levels == 1:
         middle = math.sqrt(dim.low * dim.high) if dim.log else (dim.low + dim.high) / 2
         return [middle]
-    if dim.log:
-        return [float(v) for v in np.geomspace(dim.low, dim.high, levels)]
-    return [float(v) for v in np.linspace(dim.low, dim.high, levels)]
+    values = np.geomspace(dim.low, dim.high, levels) if dim.log else np.linspace(dim.low, dim.high, levels)
+    return [float(np.clip(v, dim.low, dim.high)) for v in values]  # no end rounded out of its own range
 
 
 def grid_space(space: Mapping[str, Dim], levels: Mapping[str, int]) -> dict[str, list]:
@@ -224,23 +250,22 @@ def open_study(
     storage = f"sqlite:///{path}"
     name = f"{kind}-{knob_hash(knobs)}"
     if not resume:
-        try:
+        with contextlib.suppress(KeyError):  # no such study yet
             optuna.delete_study(study_name=name, storage=storage)
-        except KeyError:
-            pass
     study = optuna.create_study(
         storage=storage, study_name=name, direction=direction, pruner=pruner, load_if_exists=True
     )
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        study.enqueue_trial({**trial.params, **_fixed_of(trial)}, skip_if_exists=False)
+        if trial.params:  # cut off after it drew its point (nearly always): train that point again
+            study.enqueue_trial(dict(trial.params), skip_if_exists=False)
     study.sampler = make_sampler(seed + len(study.trials))
     study.set_user_attr("knobs", json.loads(json.dumps(knobs, default=str)))
     return study
 
 
 def _fixed_of(trial: Any) -> dict[str, Any]:
-    return {k: v for k, v in trial.user_attrs.items() if k not in (COST_STEPS, COST_EXAMPLES, FULL_STEPS)}
+    return {k: v for k, v in trial.user_attrs.items() if k not in COSTS}
 
 
 def run_study(study: Any, objective: Callable[[Any], float], budget: int, progress: bool = False) -> Any:
@@ -264,12 +289,14 @@ def run_study(study: Any, objective: Callable[[Any], float], budget: int, progre
 
 
 class PruningReporter(Callback):
-    """Report `metric` at every evaluation of `fit` as rung 1, 2, ... of `trial`; stop training when the
-    trial's pruner says so. Rungs, not steps: trials with other batch sizes run other numbers of steps, and
-    the median pruner compares trials at the same reported step."""
+    """Report `metric` at every evaluation of `fit` as rung 1, 2, ... of `trial`, and stop training when the
+    trial's pruner says so. Rungs, not steps: trials with other batch sizes run other numbers of steps, and the
+    median pruner compares trials at the same reported step. The last of `rungs` evaluations is reported but
+    never pruned: stopping there would save nothing and throw the finished trial's value away."""
 
-    def __init__(self, trial: Any, metric: str = "eval_f1") -> None:
+    def __init__(self, trial: Any, rungs: int, metric: str = "eval_f1") -> None:
         self.trial = trial
+        self.rungs = rungs
         self.metric = metric
         self.pruned = False
 
@@ -278,13 +305,31 @@ class PruningReporter(Callback):
             raise MfkitError(
                 f"{self.metric!r} is not among the metrics {sorted(metrics)}.", "report one of them."
             )
-        self.trial.report(float(metrics[self.metric]), len(state.history.eval))
-        if self.trial.should_prune():
+        rung = len(state.history.eval)
+        self.trial.report(float(metrics[self.metric]), rung)
+        if rung < self.rungs and self.trial.should_prune():
             self.pruned = state.should_stop = True
 
 
-def record_cost(trial: Any, steps: int, examples: int, full_steps: int) -> None:
+def trial_steps(examples: int, batch_size: int, rungs: int) -> int:
+    """Optimizer steps for a trial that sees about `examples` training examples in batches of `batch_size`,
+    rounded up to a multiple of `rungs` so that every evaluation falls on a whole step."""
+    for name, value in (("examples", examples), ("batch_size", batch_size), ("rungs", rungs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MfkitError(
+                f"{name}={value!r} is not a whole number >= 1.", f"pass {name} as a positive int."
+            )
+    return rungs * math.ceil(examples / (batch_size * rungs))
+
+
+def trial_params(trial: Any) -> dict[str, Any]:
+    """Everything a trial trained with: its searched parameters and the fixed ones `suggest` stored on it."""
+    return {**_fixed_of(trial), **trial.params}
+
+
+def record_cost(trial: Any, steps: int, examples: int, full_steps: int, seconds: float = 0.0) -> None:
     """Store what a trial ran (and would have run unpruned) on it, for `spent`."""
+    trial.set_user_attr(COST_SECONDS, float(seconds))
     trial.set_user_attr(COST_STEPS, int(steps))
     trial.set_user_attr(COST_EXAMPLES, int(examples))
     trial.set_user_attr(FULL_STEPS, int(full_steps))
@@ -303,6 +348,7 @@ def spent(study: Any) -> dict[str, float]:
         "pruned": sum(t.state == TrialState.PRUNED for t in trials),
         "steps": steps,
         "examples": sum(t.user_attrs.get(COST_EXAMPLES, 0) for t in trials),
+        "seconds": sum(t.user_attrs.get(COST_SECONDS, 0.0) for t in trials),
         "steps_unpruned": full,
         "saved_share": 1 - steps / full if full else 0.0,
     }

@@ -81,7 +81,7 @@ def test_grid_and_random_studies_run_exactly_their_budget(tmp_path):
     search.run_study(study, _objective(SPACE, fixed={"warmup": 0.1}), budget)
     points = {(t.params["lr"], t.params["batch_size"]) for t in study.trials}
     assert len(study.trials) == budget == len(points) == 6  # every grid point once
-    assert all(t.user_attrs["warmup"] == 0.1 for t in study.trials)
+    assert all(search.trial_params(t)["warmup"] == 0.1 for t in study.trials)
     random = search.open_study(
         tmp_path / "s.db", "random", {"r": 1}, lambda s: optuna.samplers.RandomSampler(seed=s)
     )
@@ -151,7 +151,7 @@ def test_pruning_reporter_stops_fit_and_replay_agrees():
         good.report(value, rung)
     study.tell(good, 0.9)
     bad = study.ask()
-    reporter = search.PruningReporter(bad)
+    reporter = search.PruningReporter(bad, rungs=2)
     state = SimpleNamespace(history=SimpleNamespace(eval=[{"eval_f1": 0.1}]), should_stop=False)
     reporter.on_evaluate(state, {"eval_f1": 0.1})
     assert reporter.pruned and state.should_stop
@@ -184,3 +184,24 @@ def test_importances_rank_the_parameter_that_matters():
     ranked = search.importances(study.trials)
     assert set(ranked) == {"lr", "warmup", "batch_size"}
     assert max(ranked, key=ranked.get) == "lr"
+
+
+def test_trial_steps_give_equal_examples_and_whole_rungs():
+    assert search.trial_steps(384, 16, 3) == 24
+    assert search.trial_steps(384, 32, 3) == 12
+    assert search.trial_steps(384, 8, 3) == 48
+    assert search.trial_steps(100, 16, 3) % 3 == 0
+    with pytest.raises(MfkitError, match="rungs"):
+        search.trial_steps(100, 16, 0)
+
+
+def test_last_rung_is_never_pruned():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    good = study.ask()
+    good.report(0.9, 1)
+    study.tell(good, 0.9)
+    bad = study.ask()
+    reporter = search.PruningReporter(bad, rungs=1)
+    state = SimpleNamespace(history=SimpleNamespace(eval=[{"eval_f1": 0.1}]), should_stop=False)
+    reporter.on_evaluate(state, {"eval_f1": 0.1})
+    assert not reporter.pruned and not state.should_stop
