@@ -392,7 +392,8 @@ def replay_pruner(trials: Sequence[Any], make_pruner: Callable[[], Any], directi
 
 def importances(trials: Sequence[Any], seed: int = 0) -> dict[str, float]:
     """fANOVA importance (Hutter et al., 2014) of each searched parameter over the completed `trials`: the share
-    of the variance of the objective a random forest fitted to them attributes to that parameter alone."""
+    of the variance of the objective a random forest fitted to them attributes to that parameter alone (all zero
+    when every trial scored the same)."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
     from optuna.trial import TrialState
@@ -402,6 +403,8 @@ def importances(trials: Sequence[Any], seed: int = 0) -> dict[str, float]:
         raise MfkitError(
             f"{len(complete)} completed trial(s) cannot rank parameters.", "run a few more trials."
         )
+    if len({t.value for t in complete}) == 1:  # every trial scored the same: there is no variance to explain
+        return dict.fromkeys(sorted({name for t in complete for name in t.params}), 0.0)
     study = optuna.create_study()
     study.add_trials(complete)
     return get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=seed))

@@ -205,3 +205,9 @@ def test_last_rung_is_never_pruned():
     state = SimpleNamespace(history=SimpleNamespace(eval=[{"eval_f1": 0.1}]), should_stop=False)
     reporter.on_evaluate(state, {"eval_f1": 0.1})
     assert not reporter.pruned and not state.should_stop
+
+
+def test_importances_of_a_flat_objective_are_zero():
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: search.suggest(trial, SPACE) and 0.5, n_trials=4)
+    assert search.importances(study.trials) == {"batch_size": 0.0, "lr": 0.0, "warmup": 0.0}
