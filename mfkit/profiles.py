@@ -231,13 +231,13 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": {
             "method": "full",
             "grid": {"lr": 2},
-            "trial_examples": 32,
+            "trial_examples": 16,
             "rungs": 2,
             "startup_trials": 1,
             "train_limit": 200,
             "val_limit": 32,
             "eval_limit": 64,
-            "seeds": [0, 1],
+            "seeds": [0],
         },
         "cpu": {
             "method": "full",
