@@ -223,6 +223,45 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_context_tokens": 4096,
         },
     },
+    # 11 searches fine-tuning hyperparameters on notebook 03's data, length and seed (read from 03's card). Every
+    # searcher gets grid_size(grid) trials; a trial sees about trial_examples training mails (steps = trial_examples /
+    # batch size) and is scored on val_limit validation mails at each of its rungs. cpu: 3 x 8 trials of 320 mails.
+    # method "full" in every profile: on 2 CPU cores a LoRA step cost no less than a full one, and learned less.
+    "11_hyperparameter-search": {
+        "smoke": {
+            "method": "full",
+            "grid": {"lr": 2},
+            "trial_examples": 16,
+            "rungs": 2,
+            "startup_trials": 1,
+            "train_limit": 200,
+            "val_limit": 32,
+            "eval_limit": 64,
+            "seeds": [0],
+        },
+        "cpu": {
+            "method": "full",
+            "grid": {"lr": 4, "batch_size": 2},
+            "trial_examples": 320,
+            "rungs": 3,
+            "startup_trials": 3,
+            "train_limit": None,
+            "val_limit": 150,
+            "eval_limit": None,
+            "seeds": [0, 1, 2],
+        },
+        "gpu": {
+            "method": "full",
+            "grid": {"lr": 4, "batch_size": 3},
+            "trial_examples": 4800,
+            "rungs": 4,
+            "startup_trials": 4,
+            "train_limit": None,
+            "val_limit": None,
+            "eval_limit": None,
+            "seeds": [0, 1, 2, 3, 4],
+        },
+    },
     # 12 scores notebook 03's classifier (its data and length, read from 03's card); the reg_* knobs size the
     # regularization runs, which train MiniLM afresh on a small subset so that overfitting shows.
     "12_evaluation-regularization": {
