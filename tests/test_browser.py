@@ -99,6 +99,7 @@ def browser():
 
 
 def test_moving_a_slider_changes_the_playground_output(lab, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -112,13 +113,11 @@ def test_moving_a_slider_changes_the_playground_output(lab, browser):
             (By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']")
         )
     )
-    menu = wait.until(
-        ec.element_to_be_clickable((By.XPATH, "//li[contains(@class,'lm-MenuBar-item')][.//*[text()='Run']]"))
-    )
-    menu.click()
-    wait.until(
-        ec.element_to_be_clickable((By.CSS_SELECTOR, "li[data-command='notebook:run-all-cells']"))
-    ).click()
+    # Run every cell: command mode, select all cells, run the selection (JupyterLab's default shortcuts).
+    browser.find_element(By.CSS_SELECTOR, ".jp-Notebook").click()
+    keys = ActionChains(browser).send_keys(Keys.ESCAPE)
+    keys.key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL)
+    keys.key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
     output = WebDriverWait(browser, 600).until(
         lambda d: next(
             (
