@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import MfkitError, check_choice, check_positive
+from .inference import size_on_disk_mb
 from .paths import atomic_folder, require_artifact
 
 QUANTIZED_FOLDER = "14-quantized"
@@ -65,7 +66,9 @@ def affine_qparams(
     `channel_dim=None` gives one (s, z) for the tensor; `channel_dim=0` one per row (per output channel).
     """
     if not x.is_floating_point() or x.numel() == 0:
-        raise MfkitError("affine_qparams needs a non-empty float tensor.", "pass a weight or activation tensor.")
+        raise MfkitError(
+            "affine_qparams needs a non-empty float tensor.", "pass a weight or activation tensor."
+        )
     qmin, qmax = int_range(bits, symmetric)
     dims = _reduce_dims(x, channel_dim)
     x = x.detach().float()
@@ -169,7 +172,10 @@ def tensor_bytes(t: Any) -> int:
     if isinstance(t, torch.Tensor) and t.is_quantized:
         extra = 0
         if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            extra = sum(x.numel() * x.element_size() for x in (t.q_per_channel_scales(), t.q_per_channel_zero_points()))
+            extra = sum(
+                x.numel() * x.element_size()
+                for x in (t.q_per_channel_scales(), t.q_per_channel_zero_points())
+            )
         else:
             extra = 8 + 8  # one float64 scale and one int64 zero point
         return t.numel() * t.element_size() + extra
@@ -199,6 +205,17 @@ def linear_weight_count(model: nn.Module) -> int:
     """Number of weights in the linear layers' matrices (what the quantized layers store)."""
     with _quiet_deprecations():
         return sum(w.numel() for w in _linear_weights(model))
+
+
+def state_dict_mb(model: nn.Module) -> float:
+    """Megabytes of `torch.save(model.state_dict())`: the size on disk of the weights alone, for any variant."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "weights.pt"
+        with _quiet_deprecations():
+            torch.save(model.state_dict(), path)
+        return size_on_disk_mb(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,7 +262,9 @@ def save_quantized(
     renamed into place, so an interrupted save never leaves a half-written model.
     """
     check_positive("max_length", max_length)
-    example = tokenizer(["a"], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    example = tokenizer(
+        ["a"], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     inputs = (example["input_ids"], example["attention_mask"])
     config = getattr(model, "config", None)
     labels = dict(getattr(config, "id2label", {}) or {})
@@ -263,7 +282,11 @@ def save_quantized(
     with atomic_folder(Path(target)) as staging:
         scripted.save(str(staging / SCRIPT_NAME))
         tokenizer.save_pretrained(staging)
-        info = {"max_length": max_length, "id2label": {str(k): v for k, v in labels.items()}, **dict(card or {})}
+        info = {
+            "max_length": max_length,
+            "id2label": {str(k): v for k, v in labels.items()},
+            **dict(card or {}),
+        }
         (staging / CARD_NAME).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
     return Path(target)
 
@@ -279,7 +302,9 @@ def load_quantized(folder: str | Path) -> tuple[ScriptedClassifier, Any, dict[st
     folder = require_artifact(Path(folder), QUANTIZED_NOTEBOOK)
     card = json.loads(require_artifact(folder / CARD_NAME, QUANTIZED_NOTEBOOK).read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    scripted = torch.jit.load(str(require_artifact(folder / SCRIPT_NAME, QUANTIZED_NOTEBOOK)), map_location="cpu")
+    scripted = torch.jit.load(
+        str(require_artifact(folder / SCRIPT_NAME, QUANTIZED_NOTEBOOK)), map_location="cpu"
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return ScriptedClassifier(scripted, card["max_length"], pad_id).eval(), tokenizer, card
 
@@ -290,17 +315,22 @@ def load_quantized(folder: str | Path) -> tuple[ScriptedClassifier, Any, dict[st
 
 
 @torch.no_grad()
-def generation_speed(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int, warmup: int = 1) -> float:
-    """Tokens per second of greedy generation of exactly `new_tokens` tokens after `prompt` (one sequence, CPU)."""
+def timed_generation(
+    model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int, warmup: int = 1
+) -> tuple[float, str]:
+    """Tokens per second of greedy generation of exactly `new_tokens` tokens after `prompt`, and the text generated.
+
+    One sequence, where the model's parameters are; `warmup` short generations run first, untimed.
+    """
     check_positive("new_tokens", new_tokens)
-    inputs = tokenizer(prompt, return_tensors="pt")
-    settings = dict(
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
-    )
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in tokenizer(prompt, return_tensors="pt").items()}
+    settings = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
     model.eval()
     for _ in range(warmup):
-        model.generate(**inputs, **{**settings, "max_new_tokens": 2, "min_new_tokens": 2})
+        model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, **settings)
     start = time.perf_counter()
-    out = model.generate(**inputs, **settings)
+    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
     seconds = time.perf_counter() - start
-    return (out.shape[1] - inputs["input_ids"].shape[1]) / seconds
+    new = out[0, inputs["input_ids"].shape[1] :]
+    return len(new) / seconds, tokenizer.decode(new, skip_special_tokens=True)
