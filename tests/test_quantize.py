@@ -128,3 +128,19 @@ def test_save_reload_identical_predictions(tmp_path) -> None:
 def test_load_missing_names_the_notebook(tmp_path) -> None:
     with pytest.raises(MfkitError, match="14_quantization"):
         quantize.load_quantized(tmp_path / "nothing")
+
+
+def test_weight_only_formats_and_sizes() -> None:
+    pytest.importorskip("torchao")
+    model = tiny_bert()
+    ids = torch.randint(1, 100, (2, 8))
+    float_bytes = quantize.linear_weight_bytes(model)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        for bits in (8, 4):
+            variant = quantize.quantize_weight_only(model, bits, group_size=16)
+            assert torch.allclose(variant(input_ids=ids).logits, ref, atol=0.1)
+            assert quantize.linear_weight_bytes(variant) < float_bytes / 2
+    assert quantize.state_dict_mb(quantize.quantize_dynamic_int8(model)) < quantize.state_dict_mb(model)
+    with pytest.raises(MfkitError, match="bits"):
+        quantize.quantize_weight_only(model, 3)
