@@ -223,6 +223,49 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_context_tokens": 4096,
         },
     },
+    # 14 quantizes notebook 03's classifier (and 13's student when it exists); timings pin THREADS threads.
+    "14_quantization": {
+        "smoke": {
+            "threads": 1,
+            "repeats": 3,
+            "speed_batch": 8,
+            "thread_counts": [1, 2],
+            "lengths": [32],
+            "int4_group": 32,
+            "lm_variants": ["dynamic int8"],
+            "lm_blocks": 1,
+            "lm_block_size": 32,
+            "new_tokens": 2,
+            "test_limit": 48,
+        },
+        # cpu: the full test split at 03's length; SmolLM2 scored on 8 blocks of 256 Austen tokens (~2k tokens).
+        "cpu": {
+            "threads": 1,
+            "repeats": 10,
+            "speed_batch": 32,
+            "thread_counts": [1, 2],
+            "lengths": [16, 64, 256],
+            "int4_group": 32,
+            "lm_variants": ["dynamic int8", "dynamic int8, per-channel", "weight-only int8"],
+            "lm_blocks": 8,
+            "lm_block_size": 256,
+            "new_tokens": 32,
+            "test_limit": None,
+        },
+        "gpu": {
+            "threads": 2,
+            "repeats": 20,
+            "speed_batch": 32,
+            "thread_counts": [1, 2],
+            "lengths": [16, 64, 256, 512],
+            "int4_group": 32,
+            "lm_variants": ["dynamic int8", "dynamic int8, per-channel", "weight-only int8"],
+            "lm_blocks": 32,
+            "lm_block_size": 512,
+            "new_tokens": 64,
+            "test_limit": None,
+        },
+    },
     # 11 searches fine-tuning hyperparameters on notebook 03's data, length and seed (read from 03's card). Every
     # searcher gets grid_size(grid) trials; a trial sees about trial_examples training mails (steps = trial_examples /
     # batch size) and is scored on val_limit validation mails at each of its rungs. cpu: 3 x 8 trials of 320 mails.
