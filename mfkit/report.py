@@ -28,10 +28,11 @@ def fill(text: str, values: dict[str, Any]) -> str:
     return text.format_map(values)
 
 
-def takeaways(text: str) -> Any:
-    """Show `text` as Markdown with its placeholders filled from this run's ledger; return the Markdown object."""
+def takeaways(text: str) -> None:
+    """Show `text` as Markdown with its placeholders filled from this run's ledger.
+
+    It returns nothing: a notebook cell that ends with this call would otherwise show the Markdown twice.
+    """
     from IPython.display import Markdown, display
 
-    filled = Markdown(fill(text, current_results()))
-    display(filled)
-    return filled
+    display(Markdown(fill(text, current_results())))
