@@ -227,7 +227,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # cpu: 8 unstructured retrains of RETRAIN_STEPS plus 2 structured retrains of STRUCTURED_STEPS (~0.6 s a step).
     "15_pruning": {
         "smoke": {
-            "sparsities": (0.5, 0.9),
+            "sparsities": (0.9,),
             "retrain_steps": 2,
             "rounds": 2,
             "retrain_lr": 1e-4,
@@ -267,6 +267,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
 }
+
 
 class Config(Mapping):
     """A read-only mapping of a notebook's resolved knobs, also readable as attributes (`cfg.max_steps`)."""
