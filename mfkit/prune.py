@@ -105,7 +105,9 @@ def cubic_schedule(target: float, rounds: int) -> list[float]:
     """
     _check_fraction("target", target)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise MfkitError(f"rounds={rounds!r} is not a whole number >= 1.", "pass rounds=1 (one-shot) or more.")
+        raise MfkitError(
+            f"rounds={rounds!r} is not a whole number >= 1.", "pass rounds=1 (one-shot) or more."
+        )
     return [target * (1 - (1 - k / rounds) ** 3) for k in range(1, rounds + 1)]
 
 
@@ -119,7 +121,7 @@ def prune_retrain(
     """Prune to `target` in `rounds` steps of `cubic_schedule`, calling `retrain(model, n)` after each.
 
     The `steps` are shared evenly (the first rounds take any remainder), so one-shot (`rounds=1`) and iterative
-    runs cost the same. Returns the sparsity reached after each round. Rounds that get no step are skipped.
+    runs cost the same. Returns the sparsity reached after each round; a round left with no step only prunes.
     """
     reached = []
     share, extra = divmod(steps, rounds)
@@ -275,7 +277,9 @@ def remove_neurons(model: nn.Module, keep: Sequence[torch.Tensor]) -> nn.Module:
 
 
 def mask_units(
-    model: nn.Module, heads: Mapping[int, Sequence[int]] | None = None, neurons: Mapping[int, Sequence[int]] | None = None
+    model: nn.Module,
+    heads: Mapping[int, Sequence[int]] | None = None,
+    neurons: Mapping[int, Sequence[int]] | None = None,
 ) -> nn.Module:
     """Zero, in place, W_O's columns of the `heads[l]` and W_2's columns of the `neurons[l]` of layer l.
 
