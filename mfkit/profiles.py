@@ -223,6 +223,49 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_context_tokens": 4096,
         },
     },
+    # 15 prunes notebook 03's classifier on 03's data, length and seed (read from its card); these are its own knobs.
+    # cpu: 8 unstructured retrains of RETRAIN_STEPS plus 2 structured retrains of STRUCTURED_STEPS (~0.6 s a step).
+    "15_pruning": {
+        "smoke": {
+            "sparsities": (0.9,),
+            "retrain_steps": 2,
+            "rounds": 2,
+            "retrain_lr": 1e-4,
+            "importance_batches": 2,
+            "ffn_keep": 384,
+            "heads_keep": 8,
+            "structured_steps": 2,
+            "speed_batch": 8,
+            "speed_repeats": 2,
+            "threads": 1,
+        },
+        "cpu": {
+            "sparsities": (0.3, 0.5, 0.7, 0.9),
+            "retrain_steps": 30,
+            "rounds": 3,
+            "retrain_lr": 1e-4,
+            "importance_batches": 20,
+            "ffn_keep": 384,
+            "heads_keep": 8,
+            "structured_steps": 60,
+            "speed_batch": 32,
+            "speed_repeats": 10,
+            "threads": 1,
+        },
+        "gpu": {
+            "sparsities": (0.3, 0.5, 0.7, 0.8, 0.9),
+            "retrain_steps": 150,
+            "rounds": 5,
+            "retrain_lr": 5e-5,
+            "importance_batches": 50,
+            "ffn_keep": 384,
+            "heads_keep": 8,
+            "structured_steps": 300,
+            "speed_batch": 32,
+            "speed_repeats": 20,
+            "threads": 2,
+        },
+    },
     # 14 quantizes notebook 03's classifier (and 13's student when it exists); timings pin THREADS threads.
     "14_quantization": {
         "smoke": {
