@@ -89,6 +89,22 @@ def synonym_table(
     return table
 
 
+def licence_notice(copyright_file: Path) -> str:
+    """The WordNet 3.0 licence from the package's Debian copyright file (it must travel with every copy)."""
+    lines, inside = [], False
+    for line in copyright_file.read_text(encoding="utf-8").splitlines():
+        if line.startswith("License: WordNet"):
+            inside = True
+            continue
+        if inside and line and not line.startswith(" "):
+            break
+        if inside:
+            lines.append("" if line.strip() == "." else line.strip())
+    if not lines:
+        raise SystemExit(f"No WordNet licence found in {copyright_file}.")
+    return "\n".join(lines).strip()
+
+
 def spam_vocabulary(min_count: int = MIN_COUNT) -> set[str]:
     """Lower-case alphabetic words seen at least `min_count` times in the shipped spam mails (all splits)."""
     from mfkit.data import load_data
@@ -111,6 +127,7 @@ def main() -> None:
         unpacked = Path(tmp) / "wordnet"
         _run(["dpkg-deb", "-x", str(deb), str(unpacked)])
         folder = unpacked / "usr" / "share" / "wordnet"
+        notice = licence_notice(unpacked / "usr" / "share" / "doc" / "wordnet-base" / "copyright")
         groups = []
         for pos in PARTS_OF_SPEECH:
             ranks = sense_ranks(folder / f"index.{pos}")
@@ -118,13 +135,20 @@ def main() -> None:
                 groups.append((lambda w, o=offset, r=ranks: r.get((w, o), 99), lemmas))
     table = synonym_table(groups, spam_vocabulary())
     payload = json.dumps(
-        {"source": f"WordNet 3.0, Debian wordnet-base {WORDNET_SOURCE.version}", "synonyms": table},
+        {
+            "source": f"WordNet 3.0, Debian wordnet-base {WORDNET_SOURCE.version}",
+            "licence": notice,
+            "synonyms": table,
+        },
         sort_keys=True,
         separators=(",", ":"),
     ).encode()
-    with atomic_path(TARGET) as tmp_path, open(tmp_path, "wb") as raw_file:
-        with gzip.GzipFile(fileobj=raw_file, mode="wb", mtime=0, filename="") as gz:
-            gz.write(payload)
+    with (
+        atomic_path(TARGET) as tmp_path,
+        open(tmp_path, "wb") as raw_file,
+        gzip.GzipFile(fileobj=raw_file, mode="wb", mtime=0, filename="") as gz,
+    ):
+        gz.write(payload)
     print(f"{len(groups):,} synsets -> {len(table):,} words with synonyms, {TARGET.stat().st_size:,} bytes")
 
 

@@ -422,7 +422,12 @@ def text_loader(
 
 
 def predict_texts(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int, batch_size: int
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    max_length: int,
+    batch_size: int,
 ) -> Any:
     """`classify.predict` over a list of texts: logits, probabilities and labels."""
     from .classify import predict

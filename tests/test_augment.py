@@ -43,7 +43,9 @@ def test_operators_do_what_they_say():
     changed = [(a, b) for a, b in zip(words, replaced, strict=True) if a != b]
     assert len(changed) == 2
     assert all(b.strip(",!:").lower() in {"inexpensive", "brassy", "proffer", "cash"} for _, b in changed)
-    assert ("offer!", "proffer!") in changed or all(not a.endswith("!") for a, _ in changed)  # punctuation kept
+    assert ("offer!", "proffer!") in changed or all(
+        not a.endswith("!") for a, _ in changed
+    )  # punctuation kept
     inserted = augment.random_insertion(words, 3, random.Random(0), SYNONYMS)
     assert len(inserted) == len(words) + 3
     swapped = augment.random_swap(words, 2, random.Random(0))
@@ -105,9 +107,13 @@ def test_perturbations_are_seeded_and_keep_the_text_readable():
     rng = random.Random(0)
     assert augment.swap_chars("ab", rng) == "ab"
     swapped = augment.swap_chars("money", rng)
-    assert sorted(swapped) == sorted("money") and swapped[0] == "m" and swapped[-1] == "y" and swapped != "money"
+    assert (
+        sorted(swapped) == sorted("money") and swapped[0] == "m" and swapped[-1] == "y" and swapped != "money"
+    )
     typo = augment.typo("Cash", random.Random(1))
-    assert len(typo) == 4 and sum(a != b for a, b in zip(typo, "Cash", strict=True)) == 1 and typo[0].isupper()
+    assert (
+        len(typo) == 4 and sum(a != b for a, b in zip(typo, "Cash", strict=True)) == 1 and typo[0].isupper()
+    )
     assert augment.typo("2002", rng) == "2002"
     inserted = augment.perturb("a b c", random.Random(0), rate=1.0, kinds=["insert"], noise_words=["zz"])
     assert inserted == "a zz b zz c zz"
@@ -156,7 +162,9 @@ def test_fgm_perturbation_has_norm_epsilon_per_example():
     grad = torch.randn(3, 5, 4)
     r = augment.fgm_perturbation(grad, 0.5)
     assert torch.allclose(r.flatten(1).norm(dim=1), torch.full((3,), 0.5))
-    assert torch.allclose(r / r.flatten(1).norm(dim=1).view(-1, 1, 1), grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1))
+    assert torch.allclose(
+        r / r.flatten(1).norm(dim=1).view(-1, 1, 1), grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1)
+    )
     assert torch.equal(augment.fgm_perturbation(torch.zeros(2, 3, 4), 1.0), torch.zeros(2, 3, 4))
 
 
