@@ -223,6 +223,53 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_context_tokens": 4096,
         },
     },
+    # 08 trains on notebook 03's settings (model, length, batch, learning rate, warmup, seed: read from 03's card);
+    # these are its own knobs. cpu: 4 methods x 3 label shares x 2 seeds of MAX_STEPS steps each (FGM steps cost
+    # about twice as much, pseudo-labelling trains once per round), tests on a fixed stratified TEST_LIMIT mails.
+    "08_data-augmentation": {
+        "smoke": {
+            "shares": [0.01, 0.05],
+            "seeds": [0],
+            "max_steps": 2,
+            "eda_copies": 1,
+            "eda_alpha": 0.1,
+            "threshold": 0.9,
+            "rounds": 1,
+            "pool_limit": 24,
+            "epsilon": 1.0,
+            "noise_rate": 0.15,
+            "test_limit": 32,
+            "survival_limit": 40,
+        },
+        "cpu": {
+            "shares": [0.01, 0.05, 0.2],
+            "seeds": [0, 1],
+            "max_steps": 16,
+            "eda_copies": 4,
+            "eda_alpha": 0.1,
+            "threshold": 0.9,
+            "rounds": 2,
+            "pool_limit": 200,
+            "epsilon": 1.0,
+            "noise_rate": 0.15,
+            "test_limit": 200,
+            "survival_limit": 300,
+        },
+        "gpu": {
+            "shares": [0.01, 0.05, 0.2],
+            "seeds": [0, 1, 2],
+            "max_steps": 100,
+            "eda_copies": 4,
+            "eda_alpha": 0.1,
+            "threshold": 0.9,
+            "rounds": 3,
+            "pool_limit": 2000,
+            "epsilon": 1.0,
+            "noise_rate": 0.15,
+            "test_limit": None,
+            "survival_limit": None,
+        },
+    },
     # 15 prunes notebook 03's classifier on 03's data, length and seed (read from its card); these are its own knobs.
     # cpu: 8 unstructured retrains of RETRAIN_STEPS plus 2 structured retrains of STRUCTURED_STEPS (~0.6 s a step).
     "15_pruning": {

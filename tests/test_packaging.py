@@ -192,6 +192,7 @@ def test_wheel_carries_data_and_notebooks(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"mfkit/_data/{name}.jsonl.gz" for name in SHIPPED} <= names
     assert "mfkit/_data/DATASHEET.md" in names
+    assert "mfkit/_data/wordnet_synonyms.json.gz" in names  # the EDA synonym table (mfkit.augment)
     assert {f"mfkit/_notebooks/{p.name}" for p in numbered(notebooks_dir())} <= names
     metadata = (
         zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
