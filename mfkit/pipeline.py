@@ -36,6 +36,9 @@ class Step:
     f1: str
     seconds: str | None = None
     folder: str | None = None  # under ARTIFACTS_DIR/models
+    servable: bool = (
+        True  # a transformers folder that `mfkit predict` and `mfkit serve` load (else TorchScript)
+    )
 
 
 STEPS: tuple[Step, ...] = (
@@ -43,6 +46,10 @@ STEPS: tuple[Step, ...] = (
     Step("full fine-tuning", "03_full-finetuning", "test_f1", "train_seconds", "03-classifier"),
     Step("multi-step (ULMFiT)", "04_multistep-finetuning", "ulmfit_f1", "ulmfit_seconds"),
     Step("LoRA (best rank)", "05_peft-lora", "best_lora_f1"),
+    Step("distilled (3 layers)", "13_distillation", "student_f1", "student_train_seconds", "13-student"),
+    Step("dynamic int8", "14_quantization", "int8_f1", None, "14-quantized", servable=False),
+    Step("pruned FFN (structured)", "15_pruning", "ffn_f1", "structured_seconds", "15-pruned"),
+    Step("pruned FFN + int8", "15_pruning", "ffn_int8_f1"),
 )
 
 
@@ -76,6 +83,7 @@ def waterfall(artifacts: str | Path, steps: Sequence[Step] = STEPS) -> pd.DataFr
                 "test F1": f1,
                 "train seconds": _value(results, step.seconds),
                 "model folder": step.folder or "",
+                "servable": step.servable and step.folder is not None,
                 "status": status,
             }
         )
@@ -86,8 +94,9 @@ def waterfall(artifacts: str | Path, steps: Sequence[Step] = STEPS) -> pd.DataFr
 
 
 def choose(table: pd.DataFrame, tolerance: float = 0.01) -> str:
-    """The fastest saved model (lowest latency) whose test F1 is within `tolerance` of full fine-tuning's."""
-    saved = table[(table["model folder"] != "") & (table["status"] == "ok") & table["latency ms"].notna()]
+    """The fastest servable saved model (lowest latency) whose test F1 is within `tolerance` of full
+    fine-tuning's."""
+    saved = table[table["servable"] & (table["status"] == "ok") & table["latency ms"].notna()]
     good = saved[saved["F1 - full"] >= -tolerance]
     if good.empty:
         raise MfkitError(
@@ -95,6 +104,21 @@ def choose(table: pd.DataFrame, tolerance: float = 0.01) -> str:
             "run notebook 03 first (its classifier is always a candidate), or raise the tolerance.",
         )
     return str(good["latency ms"].idxmin())
+
+
+def load_variant(folder: str | Path) -> tuple[Any, Any]:
+    """A saved model and its tokenizer: a transformers folder, or notebook 14's TorchScript int8 folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .quantize import SCRIPT_NAME, load_quantized
+
+    folder = Path(folder)
+    if (folder / SCRIPT_NAME).is_file():
+        model, tokenizer, _ = load_quantized(folder)
+        return model, tokenizer
+    return AutoModelForSequenceClassification.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(
+        folder
+    )
 
 
 def model_card(

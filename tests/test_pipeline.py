@@ -43,6 +43,7 @@ def test_choose_takes_the_fastest_model_within_the_tolerance(tmp_path):
     )
     table = pipeline.waterfall(tmp_path, steps)
     table["latency ms"] = [10.0, 1.0]
+    assert table["servable"].all()
     assert pipeline.choose(table, tolerance=0.01) == "full"
     assert pipeline.choose(table, tolerance=0.06) == "fast but bad"
     table["latency ms"] = np.nan
