@@ -79,7 +79,9 @@ class DistillationLoss:
     mode, without gradients). Everything else in the batch except `labels` goes to the student.
     """
 
-    def __init__(self, temperature: float = 2.0, alpha: float = 0.5, teacher: nn.Module | None = None) -> None:
+    def __init__(
+        self, temperature: float = 2.0, alpha: float = 0.5, teacher: nn.Module | None = None
+    ) -> None:
         check_positive("temperature", temperature)
         _check_alpha(alpha)
         self.temperature, self.alpha, self.teacher = temperature, alpha, teacher

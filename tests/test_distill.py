@@ -105,7 +105,10 @@ def test_layer_selected_student_copies_the_mapped_layers_and_the_rest():
     student = distill.layer_selected_student(teacher, distill.every_other_layer(6))
     assert student.config.num_hidden_layers == 3 and teacher.config.num_hidden_layers == 6
     for k, source in enumerate([0, 2, 4]):
-        mine, theirs = student.bert.encoder.layer[k].state_dict(), teacher.bert.encoder.layer[source].state_dict()
+        mine, theirs = (
+            student.bert.encoder.layer[k].state_dict(),
+            teacher.bert.encoder.layer[source].state_dict(),
+        )
         assert mine.keys() == theirs.keys()
         assert all(torch.equal(mine[name], theirs[name]) for name in mine)
     for part in ("bert.embeddings", "bert.pooler", "classifier"):
@@ -141,7 +144,7 @@ def test_cached_teacher_logits_train_a_student_with_fit():
     loader = make_loader(rows(), 8, pad_collate(0), shuffle=False)
     expected = torch.cat([teacher(**{k: v for k, v in b.items() if k != "labels"}).logits for b in loader])
     assert torch.allclose(torch.tensor(data["teacher_logits"]), expected, atol=1e-5)
-    student = distill.layer_selected_student(teacher, [0, 2])
+    student = distill.layer_selected_student(teacher, [0, 2]).eval()  # no dropout while comparing losses
     loss_fn = distill.DistillationLoss(temperature=2.0, alpha=0.5)
     train = make_loader(data, 8, distill.teacher_collate(0), seed=0)
     batch = next(iter(train))
@@ -151,8 +154,10 @@ def test_cached_teacher_logits_train_a_student_with_fit():
     without = {k: v for k, v in batch.items() if k != "teacher_logits"}
     assert loss_fn(student, batch).item() == pytest.approx(live(student, without).item(), rel=1e-5)
     before = loss_fn(student, batch).item()
-    history = fit(student, train, TrainConfig(max_steps=12, lr=3e-3, warmup=0, progress=False), loss_fn=loss_fn)
-    assert history.steps == 12 and loss_fn(student, batch).item() < before
+    history = fit(
+        student, train, TrainConfig(max_steps=12, lr=3e-3, warmup=0, progress=False), loss_fn=loss_fn
+    )
+    assert history.steps == 12 and loss_fn(student.eval(), batch).item() < before
     with pytest.raises(MfkitError, match="no teacher model"):
         loss_fn(student, without)
 
@@ -164,7 +169,9 @@ def test_saved_student_reloads_with_plain_transformers_and_predicts_the_same(tmp
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(35)]]))
     tokenizer = BertTokenizerFast(vocab_file=str(vocab))
     student = distill.layer_selected_student(tiny_bert(layers=4), [1, 3])
-    folder = classify.save_classifier(student, tokenizer, tmp_path / "13-student", card={"scores": {"test_f1": 1}})
+    folder = classify.save_classifier(
+        student, tokenizer, tmp_path / "13-student", card={"scores": {"test_f1": 1}}
+    )
     again = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     assert again.config.num_hidden_layers == 2
     loader = make_loader(rows(), 8, pad_collate(0), shuffle=False)
