@@ -228,20 +228,18 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # for exactly those). cpu: a 2x2 grid of (T, alpha) + hard labels + scratch = 6 student runs of 3 layers.
     "13_distillation": {
         "smoke": {
-            "max_steps": 12,
+            "max_steps": 8,
             "temperatures": [2.0],
             "alphas": [0.5],
-            "layer_map": None,
             "threads": 1,
             "speed_rounds": 1,
-            "speed_repeats": 3,
+            "speed_repeats": 2,
             "speed_batch": 32,
         },
         "cpu": {
             "max_steps": None,
             "temperatures": [2.0, 4.0],
             "alphas": [0.5, 0.9],
-            "layer_map": None,
             "threads": 1,
             "speed_rounds": 3,
             "speed_repeats": 10,
@@ -251,7 +249,6 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_steps": None,
             "temperatures": [1.0, 2.0, 4.0, 8.0],
             "alphas": [0.1, 0.5, 0.9],
-            "layer_map": None,
             "threads": 2,
             "speed_rounds": 3,
             "speed_repeats": 20,
