@@ -660,7 +660,11 @@ def format_infer_table(rows: list[dict], missing: dict[str, str], settings: str 
         )
     for variant, notebook in missing.items():
         lines.append(f"{variant:<13} not built: run notebook {notebook}")
-    verdicts = [f"{r['variant']}: {r['throughput_x_verdict']}" for r in rows if "throughput_x_verdict" in r]
+    verdicts = [
+        f"{r['variant']}: {r['throughput_x_verdict']}"
+        for r in rows
+        if "throughput_x_verdict" in r and r["variant"] != "teacher"
+    ]
     if verdicts:
         lines += ["", "throughput against the teacher, per repeat: " + "; ".join(verdicts)]
     return "\n".join(lines)
