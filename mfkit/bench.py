@@ -6,6 +6,10 @@ Workloads (`--workload`):
   minilm-512   the same on mails up to 512 tokens, where batching matters: its pool of 128 mails runs from 44 to
                512 tokens (median 322), and random batches of 16 are 37% padding (length-grouped: 7%)
 
+  infer        prediction cost of the saved classifiers in an artifacts folder (`--artifacts`): notebook 03's
+               teacher, notebook 13's distilled student, the pruned model of notebook 15 when built, and the
+               dynamic-int8 version of each (built on the fly); see "The infer workload" below
+
 Runners (`--runners`; default fit,trainer,bare, and on minilm-512 all five):
   fit              mfkit.fit, random batches (mfkit.loaders.EpochSampler)
   fit-grouped      mfkit.fit, length-grouped batches (make_loader(..., group_by_length=True))
@@ -32,6 +36,15 @@ drifting machine load does not favour one side); each ratio (e.g. fit/trainer on
 repeat and reported as the median of these paired ratios with their min-max. The verdict says "faster" or
 "slower" only when every repeat agrees; ratios on both sides of 1 within `--tolerance` are "level"; wider than
 that, the spread is too wide to call a difference (rerun on an idle machine, longer `--seconds`, more repeats).
+
+The infer workload: every variant runs in a fresh worker process that loads it with plain transformers, times it
+with `mfkit.inference.measure_speed` (test mails padded to exactly `--max-length` tokens, default the teacher's
+length from its card; threads pinned; warm-up calls; latency = median forward time of one mail, throughput = mails/s
+at `--batch-size`, default 32) and reports parameters and the size of its saved weights. The variants take turns
+within a repeat (reversed every other repeat), and each ratio to the teacher (speed-up at batch 1, throughput,
+size) is computed per repeat and reported as the median with its min-max, as above. Test F1 comes from each
+model's card (`mfkit.json`) where the notebook that saved it wrote one; int8 variants show "-". A variant whose
+folder is missing is listed as "not built: run notebook NN".
 """
 
 from __future__ import annotations
@@ -48,7 +61,19 @@ from dataclasses import dataclass
 from typing import Any
 
 RUNNERS = ("fit", "fit-grouped", "trainer", "trainer-grouped", "bare")
-WORKLOADS = ("tiny-gpt", "minilm", "minilm-512")
+WORKLOADS = ("tiny-gpt", "minilm", "minilm-512")  # the training workloads ("all")
+INFER = "infer"
+# variant -> (folder under ARTIFACTS/models, the notebook that saves it, dynamic int8 on the fly)
+INFER_VARIANTS = {
+    "teacher": ("03-classifier", "03", False),
+    "teacher-int8": ("03-classifier", "03", True),
+    "student": ("13-student", "13", False),
+    "student-int8": ("13-student", "13", True),
+    "pruned": ("15-pruned", "15", False),
+    "pruned-int8": ("15-pruned", "15", True),
+}
+INFER_TIMED_CALLS = 10  # forward passes at batch 1 per worker (a third of them at the large batch)
+INFER_TEXTS = 64  # test mails cycled to fill the batches
 DEFAULT_RUNNERS = {
     "tiny-gpt": ("fit", "trainer", "bare"),
     "minilm": ("fit", "trainer", "bare"),
@@ -425,10 +450,12 @@ def verdict(ratios: list[float], tolerance: float) -> str:
     return "spread too wide to call a difference"
 
 
-def paired_ratios(results: list[dict], workload: str, numerator: str, denominator: str) -> list[float]:
-    """tokens/s of `numerator` over `denominator`, one ratio per repeat in which both ran."""
+def paired_ratios(
+    results: list[dict], workload: str, numerator: str, denominator: str, key: str = "tokens_per_s"
+) -> list[float]:
+    """`key` (default tokens/s) of `numerator` over `denominator`, one ratio per repeat in which both ran."""
     by_repeat: dict[tuple[str, int], float] = {
-        (r["runner"], r["repeat"]): r["tokens_per_s"] for r in results if r["workload"] == workload
+        (r["runner"], r["repeat"]): r[key] for r in results if r["workload"] == workload
     }
     repeats = sorted({repeat for _, repeat in by_repeat})
     return [
@@ -509,9 +536,192 @@ def format_table(summary: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The infer workload: prediction cost of saved classifiers
+
+
+def infer_folder(artifacts, variant: str):
+    """Where `variant`'s saved classifier lives under `artifacts` (whether or not it exists)."""
+    from pathlib import Path
+
+    return Path(artifacts) / "models" / INFER_VARIANTS[variant][0]
+
+
+def read_card(folder) -> dict:
+    """The card (`mfkit.json`) a notebook saved beside a classifier, or {} where there is none."""
+    from .classify import CARD_NAME
+
+    path = folder / CARD_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def default_max_length(artifacts) -> int:
+    """The teacher's training length from its card (every variant is timed at it), else 128."""
+    settings = read_card(infer_folder(artifacts, "teacher")).get("settings", {})
+    return int(settings.get("max_length") or 128)
+
+
+def run_infer_worker(variant: str, artifacts, batch_size: int, max_length: int, threads: int | None) -> dict:
+    """Load one variant with plain transformers (int8: quantized after loading) and measure its prediction cost."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .data import load_data
+    from .inference import measure_speed, saved_weights_mb
+
+    if threads:
+        torch.set_num_threads(threads)
+    folder = infer_folder(artifacts, variant)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    params = sum(p.numel() for p in model.parameters())
+    if INFER_VARIANTS[variant][2]:
+        from .quantize import quantize_dynamic_int8
+
+        model = quantize_dynamic_int8(model)
+    texts = [t or " " for t in load_data("spam")["test"]["text"][:INFER_TEXTS]]
+    speed = measure_speed(
+        model, tokenizer, texts, max_length, batch_size=batch_size, repeats=INFER_TIMED_CALLS, warmup=3
+    )
+    return {
+        "workload": INFER,
+        "runner": variant,
+        "latency_ms": speed.latency_ms,
+        "throughput": speed.throughput,
+        "size_mb": saved_weights_mb(model),
+        "params": params,
+        "threads": speed.threads,
+        "batch_size": batch_size,
+        "max_length": max_length,
+    }
+
+
+def summarize_infer(results: list[dict], f1s: dict[str, float], tolerance: float = 0.05) -> list[dict]:
+    """One row per variant: medians and min-max of latency and throughput, and the median of the paired
+    per-repeat ratios to the teacher (speed-up at batch 1, throughput, size) with their verdicts."""
+    rows = []
+    for variant in INFER_VARIANTS:
+        runs = [r for r in results if r["runner"] == variant]
+        if not runs:
+            continue
+        row = {
+            "variant": variant,
+            "repeats": len(runs),
+            "test_f1": f1s.get(variant),
+            "params": runs[0]["params"],
+        }
+        for key in ("latency_ms", "throughput", "size_mb"):
+            row[key] = statistics.median(r[key] for r in runs)
+            row[f"{key}_min"], row[f"{key}_max"] = min(r[key] for r in runs), max(r[key] for r in runs)
+        for name, (numerator, denominator, key) in {
+            "speedup": ("teacher", variant, "latency_ms"),
+            "throughput_x": (variant, "teacher", "throughput"),
+            "size_x": (variant, "teacher", "size_mb"),
+        }.items():
+            paired = paired_ratios(results, INFER, numerator, denominator, key)
+            if paired:
+                row[name] = statistics.median(paired)
+                row[f"{name}_min"], row[f"{name}_max"] = min(paired), max(paired)
+                row[f"{name}_verdict"] = verdict(paired, tolerance)
+        rows.append(row)
+    return rows
+
+
+def format_infer_table(rows: list[dict], missing: dict[str, str], settings: str = "") -> str:
+    """The infer table as printed: one line per measured variant, then the variants not built."""
+    head = (
+        f"{'variant':<13} {'test F1':>7} {'size MB':>8} {'params':>11} {'latency ms':>10} {'mails/s':>8} "
+        f"{'size x':>6} {'speed-up b1 (min-max)':>22} {'throughput x (min-max)':>23}"
+    )
+    lines = [settings, head, "-" * len(head)] if settings else [head, "-" * len(head)]
+
+    def ratio(row: dict, name: str) -> str:
+        if name not in row:
+            return "-"
+        return f"{row[name]:.2f} ({row[name + '_min']:.2f}-{row[name + '_max']:.2f})"
+
+    for r in rows:
+        f1 = f"{r['test_f1']:.4f}" if isinstance(r.get("test_f1"), int | float) else "-"
+        lines.append(
+            f"{r['variant']:<13} {f1:>7} {r['size_mb']:>8.1f} {r['params']:>11,} {r['latency_ms']:>10.2f} "
+            f"{r['throughput']:>8.1f} {r.get('size_x', float('nan')):>6.2f} {ratio(r, 'speedup'):>22} "
+            f"{ratio(r, 'throughput_x'):>23}"
+        )
+    for variant, notebook in missing.items():
+        lines.append(f"{variant:<13} not built: run notebook {notebook}")
+    verdicts = [
+        f"{r['variant']}: {r['throughput_x_verdict']}"
+        for r in rows
+        if "throughput_x_verdict" in r and r["variant"] != "teacher"
+    ]
+    if verdicts:
+        lines += ["", "throughput against the teacher, per repeat: " + "; ".join(verdicts)]
+    return "\n".join(lines)
+
+
+def infer_main(args: argparse.Namespace) -> int:
+    """`mfkit bench --workload infer`: every variant found under the artifacts folder, interleaved repeats."""
+    from .paths import artifacts_dir
+
+    artifacts = artifacts_dir(args.artifacts)
+    found = {v for v in INFER_VARIANTS if (infer_folder(artifacts, v) / "config.json").is_file()}
+    if "teacher" not in found:
+        print(
+            f"No teacher under {infer_folder(artifacts, 'teacher')}. Fix: run notebook 03 with this "
+            "ARTIFACTS_DIR, or pass --artifacts with the folder that holds models/03-classifier.",
+            file=sys.stderr,
+        )
+        return 2
+    variants = [v for v in INFER_VARIANTS if v in found]
+    missing = {v: INFER_VARIANTS[v][1] for v in INFER_VARIANTS if v not in found}
+    args.artifacts = str(artifacts)
+    args.max_length = args.max_length or default_max_length(artifacts)
+    results = []
+    for repeat in range(args.repeats):
+        for variant in variants if repeat % 2 == 0 else variants[::-1]:
+            result = {**spawn_worker(INFER, variant, args), "repeat": repeat}
+            results.append(result)
+            print(
+                f"  {variant:<13} repeat {repeat + 1}: {result['latency_ms']:.2f} ms at batch 1, "
+                f"{result['throughput']:.1f} mails/s at batch {result['batch_size']}",
+                flush=True,
+            )
+    f1s = {}
+    for variant in variants:
+        card = read_card(infer_folder(artifacts, variant))
+        if not INFER_VARIANTS[variant][2] and "test_f1" in card.get("scores", {}):
+            f1s[variant] = card["scores"]["test_f1"]
+    rows = summarize_infer(results, f1s, args.tolerance)
+    threads = results[0]["threads"]
+    settings = (
+        f"{artifacts}: {args.repeats} repeat(s), {threads} thread(s), mails of {args.max_length} tokens, "
+        f"throughput at batch {args.batch_size}"
+    )
+    print(format_infer_table(rows, missing, settings))
+    if args.json:
+        from pathlib import Path
+
+        from .paths import atomic_path
+
+        settings_json = {k: v for k, v in vars(args).items() if k != "worker" and not callable(v)}
+        with atomic_path(Path(args.json)) as tmp:
+            tmp.write_text(
+                json.dumps(
+                    {"settings": settings_json, "variants": rows, "missing": missing, "runs": results},
+                    indent=2,
+                )
+            )
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the module docstring keeps its layout
-    parser.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all")
+    parser.add_argument(
+        "--workload",
+        choices=(*WORKLOADS, "all", INFER),
+        default="all",
+        help="a training workload, all of them, or infer (not part of all: it needs saved models)",
+    )
     parser.add_argument(
         "--runners",
         default=None,
@@ -533,7 +743,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="batches per pass over the pool (default: tiny-gpt 16, minilm 8, minilm-512 8)",
     )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="rows per batch (default: 16 training, 32 infer)"
+    )
+    parser.add_argument(
+        "--artifacts",
+        default=None,
+        help="infer: the artifacts folder with models/03-classifier etc. (default: the kit's artifacts dir)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="infer: tokens per timed mail (default: the teacher's max_length from its card, else 128)",
+    )
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -554,8 +777,8 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         unknown = sorted(set(r.strip() for r in args.runners.split(",")) - set(RUNNERS))
         if unknown:
             return f"Unknown runner(s) {unknown}. Fix: choose from {', '.join(RUNNERS)}."
-    for name in ("seconds", "repeats", "batch_size", "warmup_epochs", "pool_batches"):
-        value = getattr(args, name)
+    for name in ("seconds", "repeats", "batch_size", "warmup_epochs", "pool_batches", "max_length"):
+        value = getattr(args, name, None)
         if value is not None and value <= 0:
             return (
                 f"--{name.replace('_', '-')}={value} must be greater than zero. Fix: pass a positive number."
@@ -564,6 +787,14 @@ def check_arguments(args: argparse.Namespace) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    infer = args.workload == INFER or (args.worker and args.worker[0] == INFER)
+    args.batch_size = args.batch_size or (32 if infer else 16)
+    if args.worker and infer:
+        result = run_infer_worker(
+            args.worker[1], args.artifacts, args.batch_size, args.max_length, args.threads
+        )
+        print("MFKIT_BENCH " + json.dumps(result))
+        return 0
     if args.worker:
         workload = args.worker[0]
         result = run_worker(
@@ -581,6 +812,8 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    if infer:
+        return infer_main(args)
     workloads = WORKLOADS if args.workload == "all" else (args.workload,)
     results = []
     for workload in workloads:
@@ -630,6 +863,8 @@ def spawn_worker(workload: str, runner: str, args: argparse.Namespace) -> dict:
     ]
     if args.pool_batches:
         cmd += ["--pool-batches", str(args.pool_batches)]
+    if workload == INFER:
+        cmd += ["--artifacts", str(args.artifacts), "--max-length", str(args.max_length)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)

@@ -95,3 +95,14 @@ def size_on_disk_mb(path: str | os.PathLike) -> float:
         )
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files) / 1e6
+
+
+def saved_weights_mb(model: nn.Module) -> float:
+    """Megabytes of the model's weights saved with `torch.save(model.state_dict())`: one measure for float and
+    quantized models alike (a dynamic-int8 model keeps its packed int8 weights and their scales there)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mfkit-size-") as folder:
+        path = Path(folder) / "weights.pt"
+        torch.save(model.state_dict(), path)
+        return size_on_disk_mb(path)

@@ -223,6 +223,38 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_context_tokens": 4096,
         },
     },
+    # 13 distils notebook 03's classifier on 03's budget (length, batch, lr, seed: read from 03's card); max_steps
+    # None keeps 03's steps. Every student sees max_steps x batch_size training mails once (teacher logits cached
+    # for exactly those). cpu: a 2x2 grid of (T, alpha) + hard labels + scratch = 6 student runs of 3 layers.
+    "13_distillation": {
+        "smoke": {
+            "max_steps": 8,
+            "temperatures": [2.0],
+            "alphas": [0.5],
+            "threads": 1,
+            "speed_rounds": 1,
+            "speed_repeats": 2,
+            "speed_batch": 32,
+        },
+        "cpu": {
+            "max_steps": None,
+            "temperatures": [2.0, 4.0],
+            "alphas": [0.5, 0.9],
+            "threads": 1,
+            "speed_rounds": 3,
+            "speed_repeats": 10,
+            "speed_batch": 32,
+        },
+        "gpu": {
+            "max_steps": None,
+            "temperatures": [1.0, 2.0, 4.0, 8.0],
+            "alphas": [0.1, 0.5, 0.9],
+            "threads": 2,
+            "speed_rounds": 3,
+            "speed_repeats": 20,
+            "speed_batch": 32,
+        },
+    },
     # 08 trains on notebook 03's settings (model, length, batch, learning rate, warmup, seed: read from 03's card);
     # these are its own knobs. cpu: 4 methods x 3 label shares x 2 seeds of MAX_STEPS steps each (FGM steps cost
     # about twice as much, pseudo-labelling trains once per round), tests on a fixed stratified TEST_LIMIT mails.

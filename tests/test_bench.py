@@ -278,3 +278,129 @@ def test_spawn_order_alternates_between_repeats(monkeypatch, capsys):
         itertools.chain(["fit", "trainer", "bare"], ["bare", "trainer", "fit"], ["fit", "trainer", "bare"])
     )
     assert "level" in capsys.readouterr().out  # equal speeds in every repeat
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The infer workload
+
+
+def save_tiny_classifier(folder, layers: int, card: dict | None = None, seed: int = 0) -> None:
+    from transformers import BertTokenizerFast
+
+    from mfkit import classify
+
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=60,
+            hidden_size=16,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+            num_labels=2,
+        )
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder.parent / "vocab.txt"
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *"abcdefghijklmnopqrstuvwxyz",
+        "the",
+        "you",
+        "free",
+    ]
+    vocab.write_text("\n".join(words))
+    classify.save_classifier(model, BertTokenizerFast(vocab_file=str(vocab)), folder, card=card)
+
+
+def infer_args(artifacts, **kw) -> argparse.Namespace:
+    values = dict(
+        worker=None,
+        runners=None,
+        workload="infer",
+        repeats=3,
+        tolerance=0.05,
+        seconds=1.0,
+        warmup_epochs=1,
+        pool_batches=None,
+        batch_size=None,
+        threads=1,
+        seed=0,
+        json=None,
+        artifacts=str(artifacts),
+        max_length=None,
+    )
+    return argparse.Namespace(**{**values, **kw})
+
+
+def test_infer_ratios_are_paired_per_repeat_and_f1_comes_from_the_cards():
+    def run(variant, repeat, latency, throughput, size):
+        return {
+            "workload": "infer",
+            "runner": variant,
+            "repeat": repeat,
+            "latency_ms": latency,
+            "throughput": throughput,
+            "size_mb": size,
+            "params": 10,
+        }
+
+    # repeat 1 is slow for both: the paired ratios stay at 2, the ratio of medians would not
+    results = [
+        run("teacher", 0, 10, 100, 80),
+        run("student", 0, 5, 200, 60),
+        run("teacher", 1, 40, 25, 80),
+        run("student", 1, 20, 50, 60),
+        run("teacher", 2, 12, 90, 80),
+        run("student", 2, 6, 180, 60),
+    ]
+    rows = {r["variant"]: r for r in bench.summarize_infer(results, {"teacher": 0.95, "student": 0.94})}
+    assert set(rows) == {"teacher", "student"}
+    assert rows["student"]["speedup"] == pytest.approx(2.0) and rows["student"][
+        "throughput_x"
+    ] == pytest.approx(2.0)
+    assert rows["student"]["size_x"] == pytest.approx(0.75) and rows["teacher"]["speedup"] == pytest.approx(
+        1.0
+    )
+    assert rows["student"]["throughput_x_verdict"] == "faster in all 3 repeats"
+    assert rows["student"]["latency_ms"] == 6 and rows["student"]["test_f1"] == 0.94
+    table = bench.format_infer_table(list(rows.values()), {"pruned": "15"})
+    assert "pruned        not built: run notebook 15" in table and "2.00 (2.00-2.00)" in table
+
+
+def test_infer_measures_every_variant_found_and_lists_the_missing(tmp_path, monkeypatch, capsys):
+    models = tmp_path / "models"
+    save_tiny_classifier(
+        models / "03-classifier", 4, {"settings": {"max_length": 16}, "scores": {"test_f1": 0.9}}
+    )
+    save_tiny_classifier(models / "13-student", 2, {"settings": {}, "scores": {"test_f1": 0.88}})
+    order = []
+
+    def in_process(workload, variant, args):  # the worker's own code, without a new interpreter
+        order.append(variant)
+        assert workload == "infer" and args.max_length == 16 and args.batch_size == 32
+        return bench.run_infer_worker(variant, args.artifacts, args.batch_size, args.max_length, args.threads)
+
+    monkeypatch.setattr(bench, "spawn_worker", in_process)
+    out = tmp_path / "infer.json"
+    assert bench.main(infer_args(tmp_path, repeats=2, json=str(out))) == 0
+    variants = ["teacher", "teacher-int8", "student", "student-int8"]
+    assert order == variants + variants[::-1]  # interleaved, reversed every other repeat
+    printed = capsys.readouterr().out
+    assert "pruned        not built: run notebook 15" in printed and "pruned-int8" in printed
+    report = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert rows["student"]["test_f1"] == 0.88 and rows["teacher-int8"]["test_f1"] is None
+    assert rows["student"]["params"] < rows["teacher"]["params"] == rows["teacher-int8"]["params"]
+    assert rows["teacher-int8"]["size_mb"] < rows["teacher"]["size_mb"]  # int8 weights take less space
+    assert all(r["threads"] == 1 and r["max_length"] == 16 for r in report["runs"])
+
+
+def test_infer_without_a_teacher_says_which_notebook_to_run(tmp_path, capsys):
+    assert bench.main(infer_args(tmp_path)) == 2
+    assert "run notebook 03" in capsys.readouterr().err
