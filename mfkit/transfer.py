@@ -323,6 +323,26 @@ def tagging_scores(predictions: Mapping[str, tuple[list, list]]) -> dict[str, fl
     return scores
 
 
+def scores_by_group(
+    predictions: Mapping[str, tuple[list, list]], groups: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """`tagging_scores` of each group of sentences (e.g. each genre); `groups` names the group of every sentence."""
+    counts = {len(true) for true, _ in predictions.values()}
+    if counts != {len(groups)}:
+        raise MfkitError(
+            f"{len(groups)} group names for {sorted(counts)} predicted sentences.",
+            "pass one group name per sentence, in the order of the loader (unshuffled).",
+        )
+    out = {}
+    for group in sorted(set(groups)):
+        rows = [i for i, g in enumerate(groups) if g == group]
+        subset = {
+            t: ([true[i] for i in rows], [pred[i] for i in rows]) for t, (true, pred) in predictions.items()
+        }
+        out[group] = tagging_scores(subset)
+    return out
+
+
 def evaluate_tagger(tasks: Sequence[str]):
     """An `eval_fn` for `fit`: the tagging scores of the model on a loader, prefixed `eval_`."""
 

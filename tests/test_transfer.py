@@ -122,7 +122,7 @@ def test_multitask_tagger_shapes_and_loss(tokenizer):
     spans_loss = torch.nn.functional.cross_entropy(
         model(**batch).logits["spans"].flatten(0, 1), batch["labels_spans"].flatten(), ignore_index=IGNORE
     )
-    assert both == pytest.approx(pos_only + spans_loss, rel=1e-5)  # the loss is the sum of the tasks' losses
+    torch.testing.assert_close(both, pos_only + spans_loss)  # the loss is the sum of the tasks' losses
     both.backward()
     assert all(p.grad is not None for p in model.heads.parameters())
     assert model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).loss is None
