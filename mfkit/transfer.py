@@ -1,7 +1,7 @@
 """Token classification and transfer: word labels on word pieces, a two-head tagger, span scoring, genre subsets.
 
-A token classifier gives one label per *word*, but the encoder reads *word pieces*: "Hawksley" may become
-`haw ##ks ##ley`. The labels are aligned so that the first piece of each word carries the word's label and every
+A token classifier gives one label per *word*, but the encoder reads *word pieces*: "Hawksley" becomes
+`hawks ##ley`. The labels are aligned so that the first piece of each word carries the word's label and every
 other position (the rest of its pieces, `[CLS]`, `[SEP]`, padding) carries -100, which cross-entropy ignores. The
 prediction for a word is then read from its first piece, and proper-noun spans are scored as whole spans (a span
 counts only when both of its ends and its type are right), as `seqeval` does.
@@ -29,7 +29,7 @@ SPAN_TAGS = ("O", "B-NAME", "I-NAME")
 TOKEN_COLUMNS = ("tokens", "pos", "spans", "genre")
 
 # A coarse tag set in the spirit of the universal tags (Petrov et al., 2012), read from the raw Brown tag's prefix.
-# Order matters: the first matching prefix wins (e.g. "np" before "n", "ppss" before "p").
+# The first rule with a matching prefix wins; a tag no rule matches is X.
 _COARSE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("PROPN", ("np", "nr")),
     ("NOUN", ("nn",)),
