@@ -341,12 +341,3 @@ def scores_by_group(
         }
         out[group] = tagging_scores(subset)
     return out
-
-
-def evaluate_tagger(tasks: Sequence[str]):
-    """An `eval_fn` for `fit`: the tagging scores of the model on a loader, prefixed `eval_`."""
-
-    def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        return {f"eval_{k}": v for k, v in tagging_scores(predict_tags(model, loader, tasks)).items()}
-
-    return evaluate
