@@ -21,6 +21,7 @@ from mfkit.transfer import (
     coarse_tag,
     genre_subset,
     predict_tags,
+    scores_by_group,
     span_scores,
     tagging_loader,
     tagging_scores,
@@ -96,6 +97,11 @@ def test_span_scores_agree_with_seqeval():
     assert ours["f1"] == pytest.approx(f1_score(true, pred))
     scores = tagging_scores({"spans": (true, pred), "pos": ([["NOUN", "VERB"]], [["NOUN", "NOUN"]])})
     assert scores["entity_f1"] == pytest.approx(ours["f1"]) and scores["pos_accuracy"] == 0.5
+    by_genre = scores_by_group({"spans": (true, pred)}, ["news", "news", "humor"])
+    assert by_genre["news"]["entity_f1"] == pytest.approx(f1_score(true[:2], pred[:2]))
+    assert by_genre["humor"]["entity_f1"] == pytest.approx(f1_score(true[2:], pred[2:]))
+    with pytest.raises(MfkitError, match="one group name per sentence"):
+        scores_by_group({"spans": (true, pred)}, ["news"])
 
 
 def test_multitask_tagger_shapes_and_loss(tokenizer):
