@@ -425,7 +425,8 @@ class FrozenAfter(_SGDLearner):
 class PeriodicRetrain(_SGDLearner):
     """Keeps every example seen; every `every` examples, trains a fresh model on all of them for `epochs` passes.
 
-    Between retrainings it does not learn at all, like a model redeployed on a schedule.
+    Before the first retraining it learns online (like every other learner in the first period); between
+    retrainings it does not learn at all, like a model redeployed on a schedule.
     """
 
     def __init__(
@@ -449,6 +450,8 @@ class PeriodicRetrain(_SGDLearner):
         self.X.append(X)
         self.y.append(y)
         before, self.seen = self.seen, self.seen + len(y)
+        if not self.retrains:
+            self._partial_fit(X, y)
         if self.seen // self.every > before // self.every:
             from scipy import sparse
 
