@@ -24,6 +24,9 @@ MACHINE_DEPENDENT = (
     "latency",
     "speedup",
     "throughput",
+    "cost_",  # time ratios (08)
+    "_goal",  # verdicts that include a speed goal (13, 15)
+    "chosen",  # 17 chooses the fastest model: which one depends on the machine
 )
 BASELINES = Path(__file__).with_name("smoke.json")
 
