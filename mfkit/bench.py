@@ -56,7 +56,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -676,16 +676,15 @@ def infer_main(args: argparse.Namespace) -> int:
     missing = {v: INFER_VARIANTS[v][1] for v in INFER_VARIANTS if v not in found}
     args.artifacts = str(artifacts)
     args.max_length = args.max_length or default_max_length(artifacts)
-    results = []
-    for repeat in range(args.repeats):
-        for variant in variants if repeat % 2 == 0 else variants[::-1]:
-            result = {**spawn_worker(INFER, variant, args), "repeat": repeat}
-            results.append(result)
-            print(
-                f"  {variant:<13} repeat {repeat + 1}: {result['latency_ms']:.2f} ms at batch 1, "
-                f"{result['throughput']:.1f} mails/s at batch {result['batch_size']}",
-                flush=True,
-            )
+    results = run_interleaved(
+        INFER,
+        variants,
+        args,
+        lambda variant, repeat, r: (
+            f"{variant:<13} repeat {repeat + 1}: {r['latency_ms']:.2f} ms at batch 1, "
+            f"{r['throughput']:.1f} mails/s at batch {r['batch_size']}"
+        ),
+    )
     f1s = {}
     for variant in variants:
         card = read_card(infer_folder(artifacts, variant))
@@ -820,15 +819,15 @@ def main(args: argparse.Namespace) -> int:
         runners = (
             [r.strip() for r in args.runners.split(",")] if args.runners else list(DEFAULT_RUNNERS[workload])
         )
-        for repeat in range(args.repeats):
-            for runner in runners if repeat % 2 == 0 else runners[::-1]:
-                result = {**spawn_worker(workload, runner, args), "repeat": repeat}
-                results.append(result)
-                print(
-                    f"  {workload:<10} {runner:<15} repeat {repeat + 1}: {result['tokens_per_s']:.0f} tokens/s "
-                    f"over {result['seconds']:.1f} s ({result['epochs']} passes)",
-                    flush=True,
-                )
+        results += run_interleaved(
+            workload,
+            runners,
+            args,
+            lambda runner, repeat, r, workload=workload: (
+                f"{workload:<10} {runner:<15} repeat {repeat + 1}: "
+                f"{r['tokens_per_s']:.0f} tokens/s over {r['seconds']:.1f} s ({r['epochs']} passes)"
+            ),
+        )
     summary = summarize(results, args.tolerance)
     print(format_table(summary))
     if args.json:
@@ -840,6 +839,20 @@ def main(args: argparse.Namespace) -> int:
         with atomic_path(Path(args.json)) as tmp:
             tmp.write_text(json.dumps({"settings": settings, **summary, "runs": results}, indent=2))
     return 0
+
+
+def run_interleaved(
+    workload: str, runners: Sequence[str], args: argparse.Namespace, describe: Callable[[str, int, dict], str]
+) -> list[dict]:
+    """Every runner once per repeat, each in a fresh worker process, in alternating order (A B, B A, ...) so a
+    drift of the machine during the run affects every runner alike; prints `describe(runner, repeat, result)`."""
+    results = []
+    for repeat in range(args.repeats):
+        for runner in runners if repeat % 2 == 0 else list(runners)[::-1]:
+            result = {**spawn_worker(workload, runner, args), "repeat": repeat}
+            results.append(result)
+            print(f"  {describe(runner, repeat, result)}", flush=True)
+    return results
 
 
 def spawn_worker(workload: str, runner: str, args: argparse.Namespace) -> dict:

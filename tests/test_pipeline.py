@@ -6,10 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification
 
-import mfkit
 from mfkit import pipeline, serve
 from mfkit.errors import MfkitError
 from mfkit.predict import SERVING_CONFIG, Predictor
@@ -51,31 +48,12 @@ def test_choose_takes_the_fastest_model_within_the_tolerance(tmp_path):
         pipeline.choose(table)
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    torch.manual_seed(0)
-    tokenizer = mfkit.load_tokenizer("minilm")
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        id2label={0: "ham", 1: "spam"},
-        label2id={"ham": 0, "spam": 1},
-    )
-    folder = tmp_path_factory.mktemp("m") / "03-classifier"
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_the_export_carries_the_rule_and_the_card_and_onnx_matches(saved_model, tmp_path):
+def test_the_export_carries_the_rule_and_the_card_and_onnx_matches(tiny_classifier_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     serving = {"threshold": 0.7, "temperature": 1.5, "max_length": 32, "positive": 1}
     card = pipeline.model_card("test model", {"dataset": "spam"}, {"test_f1": 0.5}, serving, "none known")
     target, difference = pipeline.export_model(
-        saved_model, tmp_path / "export", serving, card, ["hello", "win now"]
+        tiny_classifier_dir, tmp_path / "export", serving, card, ["hello", "win now"]
     )
     assert json.loads((target / SERVING_CONFIG).read_text()) == serving
     assert "## Limits" in (target / "README.md").read_text() and "test_f1: 0.5000" in card

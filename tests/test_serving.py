@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification
 
-import mfkit
 from mfkit import predict, serve
 from mfkit.cli import main
 from mfkit.errors import MfkitError
@@ -19,28 +15,8 @@ from mfkit.errors import MfkitError
 TEXTS = ["win money now", "meeting at noon", "cheap pills online", "the report is attached", "free prize!!!"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tokenizer = mfkit.load_tokenizer("minilm")
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=2,
-        id2label={0: "ham", 1: "spam"},
-        label2id={"ham": 0, "spam": 1},
-    )
-    folder = tmp_path_factory.mktemp("model") / "clf"
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_the_threshold_decides_two_classes_and_temperature_softens(model_dir):
-    predictor = predict.Predictor.load(model_dir)
+def test_the_threshold_decides_two_classes_and_temperature_softens(tiny_classifier_dir):
+    predictor = predict.Predictor.load(tiny_classifier_dir)
     probs = predictor.probabilities(TEXTS, batch_size=2)
     assert probs.shape == (5, 2) and np.allclose(probs.sum(1), 1)
     cut = float(np.median(probs[:, 1]))
@@ -48,25 +24,36 @@ def test_the_threshold_decides_two_classes_and_temperature_softens(model_dir):
     assert [p["label"] == "spam" for p in predictor.predict(TEXTS)] == list(probs[:, 1] >= cut)
     predictor.temperature = 10.0
     assert np.abs(predictor.probabilities(TEXTS)[:, 1] - 0.5).max() < np.abs(probs[:, 1] - 0.5).max()
-    (model_dir / predict.SERVING_CONFIG).write_text(json.dumps({"threshold": 0.9, "max_length": 16}))
+    (tiny_classifier_dir / predict.SERVING_CONFIG).write_text(
+        json.dumps({"threshold": 0.9, "max_length": 16})
+    )
     try:
-        saved = predict.Predictor.load(model_dir)
+        saved = predict.Predictor.load(tiny_classifier_dir)
         assert saved.threshold == 0.9 and saved.max_length == 16
-        assert predict.Predictor.load(model_dir, threshold=0.2).threshold == 0.2
+        assert predict.Predictor.load(tiny_classifier_dir, threshold=0.2).threshold == 0.2
     finally:
-        (model_dir / predict.SERVING_CONFIG).unlink()
+        (tiny_classifier_dir / predict.SERVING_CONFIG).unlink()
 
 
-def test_predict_file_adds_label_and_probability_equal_to_the_predictor(model_dir, tmp_path):
+def test_predict_file_adds_label_and_probability_equal_to_the_predictor(tiny_classifier_dir, tmp_path):
     source = tmp_path / "mails.csv"
     pd.DataFrame({"id": range(5), "body": TEXTS}).to_csv(source, index=False)
     out = tmp_path / "out" / "pred.jsonl"
     code = main(
-        ["predict", str(model_dir), "--input", str(source), "--output", str(out), "--text-column", "body"]
+        [
+            "predict",
+            str(tiny_classifier_dir),
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+            "--text-column",
+            "body",
+        ]
     )
     assert code == 0
     rows = pd.read_json(out, lines=True)
-    expected = predict.Predictor.load(model_dir).predict(TEXTS)
+    expected = predict.Predictor.load(tiny_classifier_dir).predict(TEXTS)
     assert rows["label"].tolist() == [e["label"] for e in expected]
     assert rows["probability"].to_numpy() == pytest.approx([e["probability"] for e in expected], abs=1e-6)
     assert rows["id"].tolist() == list(range(5))
@@ -83,12 +70,14 @@ def test_predict_file_adds_label_and_probability_equal_to_the_predictor(model_di
     ],
 )
 def test_bad_input_files_stop_with_one_message_and_write_nothing(
-    model_dir, tmp_path, capsys, content, name, args, message
+    tiny_classifier_dir, tmp_path, capsys, content, name, args, message
 ):
     source = tmp_path / name
     source.write_text(content)
     out = tmp_path / "pred.csv"
-    assert main(["predict", str(model_dir), "--input", str(source), "--output", str(out), *args]) == 2
+    assert (
+        main(["predict", str(tiny_classifier_dir), "--input", str(source), "--output", str(out), *args]) == 2
+    )
     assert message in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".pred.csv*"))
 
@@ -99,21 +88,21 @@ def test_a_folder_that_is_not_a_model_is_named(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def server(tiny_classifier_dir):
     with serve.running_server(
-        model_dir, "--max-texts", "4", "--max-chars", "200", "--max-wait-ms", "20"
+        tiny_classifier_dir, "--max-texts", "4", "--max-chars", "200", "--max-wait-ms", "20"
     ) as url:
         yield url
 
 
-def test_the_endpoint_answers_like_the_predictor(server, model_dir):
+def test_the_endpoint_answers_like_the_predictor(server, tiny_classifier_dir):
     import urllib.request
 
     with urllib.request.urlopen(f"{server}/health", timeout=30) as answer:
         health = json.loads(answer.read())
     assert health["status"] == "ok" and health["labels"] == ["ham", "spam"]
     status, body = serve.post_json(f"{server}/predict", {"texts": TEXTS[:3]})
-    expected = predict.Predictor.load(model_dir).predict(TEXTS[:3])
+    expected = predict.Predictor.load(tiny_classifier_dir).predict(TEXTS[:3])
     assert status == 200 and [p["label"] for p in body["predictions"]] == [e["label"] for e in expected]
     assert [p["probability"] for p in body["predictions"]] == pytest.approx(
         [e["probability"] for e in expected], abs=1e-5
