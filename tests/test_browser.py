@@ -67,6 +67,8 @@ def lab(tmp_path_factory):
             "--ServerApp.password=",
             f"--ServerApp.root_dir={root}",
             "--allow-root",
+            "--LabApp.news_url=",  # no "Jupyter news" prompt over the notebook
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -99,6 +101,18 @@ def browser():
 
 
 def test_moving_a_slider_changes_the_playground_output(lab, browser):
+    folder = runs_dir() / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _run_and_move_the_slider(lab, browser, folder)
+    except Exception as exc:  # keep what the browser showed, for the report
+        browser.save_screenshot(str(folder / "failure.png"))
+        shown = browser.find_element("css selector", "body").text[-3000:]
+        (folder / "failure.txt").write_text(shown)
+        raise AssertionError(f"{type(exc).__name__}; the page ended with:\n{shown}") from exc
+
+
+def _run_and_move_the_slider(lab, browser, folder):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -145,8 +159,6 @@ def test_moving_a_slider_changes_the_playground_output(lab, browser):
             and e.get_attribute("innerHTML") != before
         )
     )
-    folder = runs_dir() / "browser"
-    folder.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(folder / "playground.png"))
     readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout").text
     assert float(readout) > 0.8
