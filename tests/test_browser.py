@@ -122,16 +122,27 @@ def _run_and_move_the_slider(lab, browser, folder):
     browser.get(lab)
     wait = WebDriverWait(browser, 240)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")))
-    wait.until(
-        ec.presence_of_element_located(
-            (By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']")
-        )
-    )
+    # The kernel must be connected and idle before the cells are sent, or the keys can be lost.
+    wait.until(lambda d: "Idle" in d.find_element(By.ID, "jp-main-statusbar").text)
+    started = False
     # Run every cell: command mode, select all cells, run the selection (JupyterLab's default shortcuts).
-    browser.find_element(By.CSS_SELECTOR, ".jp-Notebook").click()
-    keys = ActionChains(browser).send_keys(Keys.ESCAPE)
-    keys.key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL)
-    keys.key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+    for _attempt in range(3):
+        browser.find_element(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell").click()
+        keys = ActionChains(browser).send_keys(Keys.ESCAPE)
+        keys.key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL)
+        keys.key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+        try:
+            WebDriverWait(browser, 60).until(
+                lambda d: any(
+                    p.text.strip() not in ("", "[ ]:")
+                    for p in d.find_elements(By.CSS_SELECTOR, ".jp-InputPrompt")
+                )
+            )
+            started = True
+            break
+        except Exception:
+            continue
+    assert started, "the notebook's cells did not start running"
     output = WebDriverWait(browser, 600).until(
         lambda d: next(
             (
