@@ -19,6 +19,7 @@ import pytest
 
 from mfkit.cli import main
 from mfkit.paths import notebooks_dir, runs_dir
+from mfkit.serve import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.notebooks, pytest.mark.slow]
 NOTEBOOK = "16_decoding-inference.ipynb"
@@ -26,12 +27,6 @@ BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver") or (
     "/usr/lib/chromium/chromedriver" if Path("/usr/lib/chromium/chromedriver").exists() else None
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +50,7 @@ def lab(tmp_path_factory):
         },
         prepare_only=True,
     )
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,
