@@ -283,8 +283,16 @@ def perturb_texts(texts: Iterable[str], seed: int = 0, rate: float = 0.1, **kwar
 # --------------------------------------------------------------------------------------------------------------
 
 
-def select_confident(probs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rows whose largest class probability is at least `threshold`, and their predicted classes (pseudo-labels)."""
+def select_confident(
+    probs: np.ndarray, threshold: float, class_shares: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose largest class probability is at least `threshold`, and their predicted classes (pseudo-labels).
+
+    With `class_shares` (e.g. the labelled set's class proportions), the confident rows are cut per class, the
+    least confident first, until the pseudo-labels follow those shares: class-balanced self-training (Zou et al.,
+    2018). Without it, a teacher that is sure of the majority class only feeds the student more of that class
+    every round.
+    """
     probs = np.asarray(probs)
     if probs.ndim != 2 or not 0 < threshold <= 1:
         raise MfkitError(
@@ -293,7 +301,25 @@ def select_confident(probs: np.ndarray, threshold: float) -> tuple[np.ndarray, n
             "pass the softmax outputs (classify.predict(...).probs) and e.g. threshold=0.9.",
         )
     rows = np.flatnonzero(probs.max(axis=1) >= threshold)
-    return rows, probs[rows].argmax(axis=1)
+    if class_shares is None:
+        return rows, probs[rows].argmax(axis=1)
+    shares = np.asarray(class_shares, dtype=np.float64)
+    if shares.shape != (probs.shape[1],) or np.any(shares < 0) or not np.isclose(shares.sum(), 1.0):
+        raise MfkitError(
+            f"class_shares={list(class_shares)} must give one share per class ({probs.shape[1]}), summing to 1.",
+            "pass the labelled set's class proportions, e.g. np.bincount(labels) / len(labels).",
+        )
+    predicted = probs[rows].argmax(axis=1)
+    available = np.bincount(predicted, minlength=len(shares))
+    wanted = shares > 0
+    total = int(np.floor(np.min(available[wanted] / shares[wanted])))  # the scarcest class sets the size
+    keep = []
+    for c in np.flatnonzero(wanted):
+        mine = rows[predicted == c]
+        surest = mine[np.argsort(-probs[mine, c], kind="stable")]
+        keep.append(surest[: int(round(total * shares[c]))])
+    chosen = np.sort(np.concatenate(keep)) if keep else rows[:0]
+    return chosen, probs[chosen].argmax(axis=1)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -121,6 +121,39 @@ def load_variant(folder: str | Path) -> tuple[Any, Any]:
     )
 
 
+def serving_rule(
+    source: str | Path,
+    rule_file: str | Path,
+    validation_texts: Sequence[str],
+    validation_labels: Sequence[int],
+    max_length: int,
+) -> tuple[dict[str, float], str]:
+    """(threshold and temperature, where they came from) for serving the classifier saved in `source`.
+
+    Notebook 12's rule (`rule_file`) is reused only when it was tuned for this very model folder: a threshold is a
+    property of one model's probabilities. Otherwise, the temperature and the F1-maximising threshold are fitted
+    here the way 12 fits them, on the validation mails only (the test split chooses nothing).
+    """
+    from .evaluation import choose_threshold, fit_temperature, scale_logits
+    from .predict import Predictor
+
+    source, rule_file = Path(source), Path(rule_file)
+    saved = json.loads(rule_file.read_text()) if rule_file.is_file() else {}
+    if saved and Path(saved.get("model_folder", "")).name == source.name:
+        rule = {"threshold": float(saved["threshold"]), "temperature": float(saved.get("temperature", 1.0))}
+        return rule, f"notebook 12 (tuned for {source.name} on validation)"
+    model, tokenizer = load_variant(source)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    probs = Predictor(model, tokenizer, labels, max_length=max_length).probabilities(validation_texts)
+    log_probs = np.log(np.clip(probs, 1e-12, 1.0))  # logits up to a per-row constant: same softmax at every T
+    temperature = fit_temperature(log_probs, validation_labels)
+    threshold, _ = choose_threshold(validation_labels, scale_logits(log_probs, temperature)[:, 1])
+    why = f"12 tuned {Path(saved['model_folder']).name}" if saved else "notebook 12 has not run"
+    return {"threshold": threshold, "temperature": temperature}, (
+        f"fitted here for {source.name} on {len(validation_labels)} validation mails ({why})"
+    )
+
+
 def model_card(
     name: str, settings: Mapping[str, Any], scores: Mapping[str, Any], serving: Mapping[str, Any], limits: str
 ) -> str:

@@ -163,8 +163,12 @@ def grid_size(levels: Mapping[str, int]) -> int:
 # The leakage guard
 
 
+def _row_key(ids: Sequence[int]) -> bytes:
+    return hashlib.sha1(np.asarray(ids, dtype=np.int64).tobytes()).digest()
+
+
 def _row_keys(table: Any) -> set[bytes]:
-    return {hashlib.sha1(np.asarray(ids, dtype=np.int64).tobytes()).digest() for ids in table["input_ids"]}
+    return {_row_key(ids) for ids in table["input_ids"]}
 
 
 class SearchSplits(Mapping):
@@ -188,6 +192,23 @@ class SearchSplits(Mapping):
         return len(self._splits)
 
 
+def drop_test_copies(
+    tokenized: Mapping[str, Any], test: str = "test"
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """`tokenized` without the rows of train and validation whose token ids equal a row of `test`, and how many
+    each split lost. After truncation two different mails can become the same input (a shared header, a forwarded
+    newsletter): to the model that is the test mail itself, so it leaves the search data, and `test` keeps it."""
+    held_out = _row_keys(tokenized[test])
+    cleaned, dropped = dict(tokenized), {}
+    for name in SEARCH_SPLITS:
+        keys = [_row_key(ids) for ids in tokenized[name]["input_ids"]]
+        keep = [i for i, key in enumerate(keys) if key not in held_out]
+        dropped[name] = len(keys) - len(keep)
+        if dropped[name]:
+            cleaned[name] = tokenized[name].select(keep)
+    return cleaned, dropped
+
+
 def search_splits(tokenized: Mapping[str, Any], test: str = "test") -> SearchSplits:
     """Train and validation of `tokenized` behind the guard, after checking that no row of `test` (by its token
     ids) also sits in one of them: a search that saw a test mail would be tuned on the test set."""
@@ -202,7 +223,8 @@ def search_splits(tokenized: Mapping[str, Any], test: str = "test") -> SearchSpl
         if shared:
             raise MfkitError(
                 f"{shared} row(s) of the {test!r} split also sit in {name!r}: a search on it would see test mails.",
-                "deduplicate across splits before splitting (notebook 01 does), then tokenize again.",
+                "drop them with search.drop_test_copies(tokenized) (truncation can make two mails one input), "
+                "or deduplicate across splits before splitting (notebook 01 does).",
             )
     return SearchSplits(tokenized)
 

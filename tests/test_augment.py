@@ -127,6 +127,22 @@ def test_select_confident_picks_sure_rows_and_their_classes():
     assert rows.tolist() == []
 
 
+def test_class_balanced_selection_follows_the_shares_and_keeps_the_surest():
+    # 6 confident ham rows, 2 confident spam rows, one unsure row
+    probs = np.array(
+        [[0.99, 0.01], [0.97, 0.03], [0.95, 0.05], [0.93, 0.07], [0.92, 0.08], [0.91, 0.09]]
+        + [[0.05, 0.95], [0.02, 0.98], [0.5, 0.5]]
+    )
+    rows, labels = augment.select_confident(probs, 0.9, class_shares=[0.5, 0.5])
+    assert rows.tolist() == [0, 1, 6, 7] and labels.tolist() == [0, 0, 1, 1]  # 2 spam allow 2 ham, the surest
+    rows, labels = augment.select_confident(probs, 0.9, class_shares=[0.75, 0.25])
+    assert sorted(labels.tolist()) == [0] * 6 + [1] * 2
+    rows, _ = augment.select_confident(probs[:6], 0.9, class_shares=[0.5, 0.5])  # no spam: nothing is taken
+    assert rows.tolist() == []
+    with pytest.raises(MfkitError, match="class_shares"):
+        augment.select_confident(probs, 0.9, class_shares=[0.5, 0.6])
+
+
 # ---- FGM ----------------------------------------------------------------------------------------------------
 
 

@@ -14,17 +14,16 @@ notebook that configures, loads its data and then "trains" (writes a marker file
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 import os
 from collections.abc import Callable
-from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
+from helpers import run_cli
 
 import mfkit
 from mfkit import cli
@@ -435,13 +434,6 @@ def tiny_notebook(folder: Path) -> Path:
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, folder / f"{NOTEBOOK}.ipynb")
     return folder
-
-
-def run_cli(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = cli.main(list(argv))
-    return code, out.getvalue()
 
 
 # (id, --param values made from tmp_path, words of the problem, words of the fix)

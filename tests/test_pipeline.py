@@ -65,6 +65,24 @@ def test_the_export_carries_the_rule_and_the_card_and_onnx_matches(tiny_classifi
     assert not (tmp_path / "again").exists()
 
 
+def test_the_serving_rule_is_12s_only_for_the_model_12_tuned(tiny_classifier_dir, tmp_path):
+    from mfkit.evaluation import save_threshold
+
+    texts = ["hello there", "win money now", "meeting at noon", "free prize", "lunch?", "cheap pills"] * 4
+    labels = [0, 1, 0, 1, 0, 1] * 4
+    rule_file = save_threshold(
+        tmp_path / "threshold.json", threshold=0.8, temperature=2.0, model_folder="x/other"
+    )
+    fitted, why = pipeline.serving_rule(tiny_classifier_dir, rule_file, texts, labels, max_length=16)
+    assert "fitted here" in why and "other" in why and fitted["threshold"] != 0.8
+    assert 0.0 <= fitted["threshold"] <= 1.0 and fitted["temperature"] > 0
+    missing, why = pipeline.serving_rule(tiny_classifier_dir, tmp_path / "none.json", texts, labels, 16)
+    assert missing == fitted and "has not run" in why
+    save_threshold(rule_file, threshold=0.8, temperature=2.0, model_folder=f"a/{tiny_classifier_dir.name}")
+    reused, why = pipeline.serving_rule(tiny_classifier_dir, rule_file, texts, labels, max_length=16)
+    assert reused == {"threshold": 0.8, "temperature": 2.0} and "notebook 12" in why
+
+
 def test_a_server_that_cannot_start_says_why(tmp_path):
     with pytest.raises(MfkitError, match="stopped before listening"), serve.running_server(tmp_path):
         pass

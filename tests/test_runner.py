@@ -6,16 +6,15 @@ The `notebooks`-marked tests start real kernels through papermill (a few seconds
 
 from __future__ import annotations
 
-import io
 import json
 import os
-from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import papermill
 import pytest
+from helpers import run_cli
 
 from mfkit import cli, runner
 from mfkit.errors import MfkitError
@@ -68,14 +67,6 @@ def make_chain(folder: Path) -> Path:
     make_notebook(folder, "05_independent", RECORD.format(stem="05_independent"), ("01_record",))
     (folder / "notes.ipynb").write_text("not a chain notebook")  # ignored: no NN_ prefix
     return folder
-
-
-def run_cli(*argv: str) -> tuple[int, str]:
-    """Call `mfkit ...` in-process; return the exit code and what it printed."""
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = cli.main(list(argv))
-    return code, out.getvalue()
 
 
 # --- the real thing, through papermill ------------------------------------------------------------------------

@@ -59,6 +59,15 @@ def test_search_splits_refuse_test_rows_inside_the_search_data():
         search.search_splits(_tokenized([[9, 9], [4, 5]]))  # [4, 5] is a training row
 
 
+def test_drop_test_copies_removes_them_from_the_search_data_only():
+    tokenized = _tokenized([[9, 9], [4, 5], [7, 8]])  # [4, 5] is a training row, [7, 8] a validation row
+    cleaned, dropped = search.drop_test_copies(tokenized)
+    assert dropped == {"train": 1, "validation": 1}
+    assert cleaned["train"]["input_ids"] == [[1, 2, 3], [6]] and len(cleaned["validation"]) == 0
+    assert len(cleaned["test"]) == 3 and len(tokenized["train"]) == 3  # test kept whole, the input untouched
+    assert sorted(search.search_splits(cleaned)) == ["train", "validation"]  # now the guard lets it through
+
+
 def test_objective_that_reads_test_rows_fails_the_study(tmp_path):
     splits = search.search_splits(_tokenized([[9, 9]]))
     study = search.open_study(tmp_path / "s.db", "leak", {"a": 1}, lambda s: optuna.samplers.RandomSampler(s))
