@@ -698,7 +698,7 @@ class Config(Mapping):
 
 # Knobs every notebook accepts (None: not set), so a notebook that takes DATASET can take its columns too.
 DATA_KNOBS: dict[str, Any] = {"text_column": None, "label_column": None, "positive_label": None}
-# Whole-number knobs for which 0 is a meaningful value (everything else counts from 1).
+# Knobs for which 0 is a meaningful value (other whole numbers count from 1, other rates must be above 0).
 ZERO_ALLOWED = frozenset(
     {
         "head_steps",

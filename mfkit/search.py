@@ -259,9 +259,11 @@ def open_study(
     """The study `kind-<hash of knobs>` in the SQLite file `path`, created or, with `resume`, loaded as it stands.
 
     A trial still marked running was cut off by an interruption: it is marked failed and its parameters are
-    queued again, so the rerun trains that point once more. The sampler is built by `make_sampler(seed + n)`,
+    queued again, so the rerun trains that point once more (a grid trial keeps its grid point, which the grid
+    sampler would otherwise count as done). The sampler is built by `make_sampler(seed + n)`,
     n being the trials already in the study, so a resumed random or TPE search draws new points rather than
-    repeating the first ones. `resume=False` deletes the study first.
+    repeating the first ones; a grid sampler keeps `seed`, which fixes the order of its points. `resume=False`
+    deletes the study first.
     """
     import optuna
     from optuna.trial import TrialState
@@ -279,9 +281,19 @@ def open_study(
     )
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        if trial.params:  # cut off after it drew its point (nearly always): train that point again
+        grid_point = "grid_id" in trial.system_attrs
+        if trial.params or grid_point:  # cut off after it drew its point: train that point again
             study.enqueue_trial(dict(trial.params), skip_if_exists=False)
-    study.sampler = make_sampler(seed + len(study.trials))
+        if grid_point:
+            # GridSampler counts a failed trial's point as done: the queued trial takes the point over
+            queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
+            for key in ("grid_id", "search_space"):
+                study._storage.set_trial_system_attr(queued._trial_id, key, trial.system_attrs[key])
+    sampler = make_sampler(seed + len(study.trials))
+    if isinstance(sampler, optuna.samplers.GridSampler):
+        # its seed orders the grid points: another seed on resume would reorder them
+        sampler = make_sampler(seed)
+    study.sampler = sampler
     study.set_user_attr("knobs", json.loads(json.dumps(knobs, default=str)))
     return study
 

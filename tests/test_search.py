@@ -124,6 +124,24 @@ def test_interrupted_study_resumes_to_the_budget_without_duplicates(tmp_path):
     assert other.study_name != first.study_name and len(other.trials) == 0
 
 
+def test_interrupted_grid_study_trains_the_cut_off_point_and_the_rest(tmp_path):
+    levels = {"lr": 4}
+    grid = search.grid_space(SPACE, levels)
+
+    def sampler(seed):
+        return optuna.samplers.GridSampler(grid, seed=seed)
+
+    first = search.open_study(tmp_path / "s.db", "grid", levels, sampler)
+    search.run_study(first, _objective(SPACE, fixed={"warmup": 0.1, "batch_size": 8}), budget=1)
+    interrupted = first.ask()  # the process dies inside the second trial
+    cut_off = search.suggest(interrupted, SPACE, {"warmup": 0.1, "batch_size": 8})["lr"]
+    resumed = search.open_study(tmp_path / "s.db", "grid", levels, sampler)
+    search.run_study(resumed, _objective(SPACE, fixed={"warmup": 0.1, "batch_size": 8}), budget=4)
+    done = search.finished(resumed)
+    assert sorted(t.params["lr"] for t in done) == pytest.approx(sorted(grid["lr"]))  # each point once
+    assert cut_off in [t.params["lr"] for t in done]
+
+
 def test_resume_false_starts_afresh(tmp_path):
     def sampler(seed):
         return optuna.samplers.RandomSampler(seed=seed)

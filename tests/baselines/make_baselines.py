@@ -26,6 +26,7 @@ MACHINE_DEPENDENT = (
     "throughput",
     "cost_",  # time ratios (08)
     "_goal",  # verdicts that include a speed goal (13, 15)
+    "goals_",  # 14: the goals missed, with their measured speed-ups
     "chosen",  # 17 chooses the fastest model: which one depends on the machine
 )
 BASELINES = Path(__file__).with_name("smoke.json")
