@@ -208,6 +208,30 @@ def tokenize_for_classification(
     return DatasetDict(out)
 
 
+def texts_seen(tokenized: Mapping[str, Any], tokenizer: Any) -> Any:
+    """Each split of `tokenize_for_classification`'s output as text again: what the model reads of each mail.
+
+    The kept token ids are decoded without the markers the tokenizer adds ([CLS], [SEP], padding) but with its
+    unknown-token symbol, which the model reads too; a classical model fitted on these texts sees the same
+    truncated view of every mail as the fine-tuned model (columns `text` and `label`).
+    """
+    from datasets import Dataset, DatasetDict
+
+    markers = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode([i for i in ids if i not in markers])
+
+    return DatasetDict(
+        {
+            split: Dataset.from_dict(
+                {"text": [decode(ids) for ids in table["input_ids"]], "label": list(table["labels"])}
+            )
+            for split, table in tokenized.items()
+        }
+    )
+
+
 def classification_loaders(
     tokenized: Mapping[str, Any],
     tokenizer: Any,

@@ -20,6 +20,7 @@ from mfkit.classify import (
     limit_rows,
     predict,
     stratified_take,
+    texts_seen,
     tfidf_baseline,
     tokenize_for_classification,
 )
@@ -103,6 +104,18 @@ def test_tokenize_truncates_without_padding_and_keeps_labels(dsdict, tokenizer):
     expected = [len(t.split()) + 2 for t in dsdict["train"]["text"]]
     assert [len(ids) for ids in loose["input_ids"]] == expected
     assert len(set(expected)) > 1
+
+
+def test_texts_seen_are_the_truncated_mails_with_their_labels(dsdict, tokenizer):
+    tokenized = tokenize_for_classification(dsdict, tokenizer, max_length=4)  # [CLS] + 2 words + [SEP]
+    seen = texts_seen(tokenized, tokenizer)
+    for split in dsdict:
+        assert seen[split]["label"] == dsdict[split]["label"]
+        assert seen[split]["text"] == [" ".join(t.split()[:2]) for t in dsdict[split]["text"]]
+    # A word outside the vocabulary stays visible as the unknown token: the model reads it too.
+    odd = DatasetDict(test=Dataset.from_dict({"text": ["zebra money now"], "label": [1]}, features=FEATURES))
+    seen = texts_seen(tokenize_for_classification(odd, tokenizer, max_length=4), tokenizer)
+    assert seen["test"]["text"] == [f"{tokenizer.unk_token} money"]
 
 
 def test_limits_are_stratified_and_deterministic(dsdict, tokenizer):
