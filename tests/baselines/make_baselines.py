@@ -3,6 +3,12 @@
 Each recorded number becomes a baseline with a tolerance: scores in [0, 1] within 0.05 absolute, other quality
 numbers within 10% relative. Timings, throughputs and other machine-dependent figures are left out (they belong in
 `mfkit bench`, not in a regression test). Review the diff before committing it: a changed baseline is a claim.
+
+The smoke models train for seconds, so another CPU kind's float kernels (AVX2 vs AVX-512) change them measurably.
+Between the two kinds the same smoke chain gave: perplexities of sampled text 11-22% apart, a difference of two
+perplexities 7 points apart, an F1 drop on 48 mails 2.8 points apart, and ratios of two near-zero differences
+(10's forgetting cut) 0.84 vs 1.25. Those figures get the wider tolerances below, or none at all.
+`python tests/baselines/make_baselines.py --retolerance` reapplies the rules to the committed values.
 """
 
 from __future__ import annotations
@@ -32,10 +38,27 @@ MACHINE_DEPENDENT = (
 BASELINES = Path(__file__).with_name("smoke.json")
 
 
-def tolerance(value: float) -> dict[str, float]:
+# (name fragment, tolerance) for figures that vary with the CPU kind; the first match wins.
+CROSS_MACHINE = (
+    ("_delta_ppl", {"abs": 15.0}),  # perplexity after minus before: 11.8 vs 5.0 on the two kinds
+    ("_bwt", {"abs": 0.05}),  # backward transfer, a difference of two losses
+    ("_f1_drop_points", {"abs": 10.0}),  # F1 points on a few dozen mails: one mail moves it by 3-6
+    ("perplexity", {"rel": 0.30}),  # the tiny GPT's text perplexities (sampled text differs token by token)
+)
+RATIOS_OF_SMALL_DIFFERENCES = ("_forgetting_cut", "_gain_kept")  # left out: noise over noise at smoke scale
+
+
+def tolerance(name: str, value: float) -> dict[str, float]:
+    for fragment, wider in CROSS_MACHINE:
+        if fragment in name:
+            return dict(wider)
     if 0.0 <= value <= 1.0 and isinstance(value, float):
         return {"abs": 0.05}
     return {"rel": 0.10}
+
+
+def checked(name: str) -> bool:
+    return not any(word in name for word in (*MACHINE_DEPENDENT, *RATIOS_OF_SMALL_DIFFERENCES))
 
 
 def baselines_from(summary: dict) -> dict[str, dict[str, dict[str, float]]]:
@@ -47,17 +70,33 @@ def baselines_from(summary: dict) -> dict[str, dict[str, dict[str, float]]]:
             )
         checks = {}
         for name, value in sorted(entry["metrics"].items()):
-            if any(word in name for word in MACHINE_DEPENDENT):
+            if not checked(name):
                 continue
             if isinstance(value, bool | str):
                 checks[name] = {"value": value}
             elif isinstance(value, int | float):
-                checks[name] = {"value": value, **tolerance(value)}
+                checks[name] = {"value": value, **tolerance(name, value)}
         result[notebook] = checks
     return result
 
 
+def retolerance(baselines: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """The same values under the current rules: left-out names dropped, tolerances recomputed."""
+    return {
+        notebook: {
+            name: {"value": check["value"]}
+            | ({} if isinstance(check["value"], bool | str) else tolerance(name, check["value"]))
+            for name, check in checks.items()
+            if checked(name)
+        }
+        for notebook, checks in baselines.items()
+    }
+
+
 if __name__ == "__main__":
-    summary = json.loads(Path(sys.argv[1]).read_text())
-    BASELINES.write_text(json.dumps(baselines_from(summary), indent=1, sort_keys=True) + "\n")
+    if sys.argv[1] == "--retolerance":
+        result = retolerance(json.loads(BASELINES.read_text()))
+    else:
+        result = baselines_from(json.loads(Path(sys.argv[1]).read_text()))
+    BASELINES.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"wrote {BASELINES}")
