@@ -57,8 +57,15 @@ def tolerance(name: str, value: float) -> dict[str, float]:
     return {"rel": 0.10}
 
 
-def checked(name: str) -> bool:
-    return not any(word in name for word in (*MACHINE_DEPENDENT, *RATIOS_OF_SMALL_DIFFERENCES))
+def check_for(name: str, value: object) -> dict | None:
+    """The baseline entry of one recorded value, or None when it is not checked."""
+    if any(word in name for word in (*MACHINE_DEPENDENT, *RATIOS_OF_SMALL_DIFFERENCES)):
+        return None
+    if isinstance(value, bool | str):
+        return {"value": value}
+    if isinstance(value, int | float):
+        return {"value": value, **tolerance(name, value)}
+    return None
 
 
 def baselines_from(summary: dict) -> dict[str, dict[str, dict[str, float]]]:
@@ -68,29 +75,18 @@ def baselines_from(summary: dict) -> dict[str, dict[str, dict[str, float]]]:
             raise SystemExit(
                 f"{notebook} did not run ok ({entry['status']}); fix it before taking baselines."
             )
-        checks = {}
-        for name, value in sorted(entry["metrics"].items()):
-            if not checked(name):
-                continue
-            if isinstance(value, bool | str):
-                checks[name] = {"value": value}
-            elif isinstance(value, int | float):
-                checks[name] = {"value": value, **tolerance(name, value)}
-        result[notebook] = checks
+        checks = {name: check_for(name, value) for name, value in sorted(entry["metrics"].items())}
+        result[notebook] = {name: check for name, check in checks.items() if check is not None}
     return result
 
 
 def retolerance(baselines: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
     """The same values under the current rules: left-out names dropped, tolerances recomputed."""
-    return {
-        notebook: {
-            name: {"value": check["value"]}
-            | ({} if isinstance(check["value"], bool | str) else tolerance(name, check["value"]))
-            for name, check in checks.items()
-            if checked(name)
-        }
-        for notebook, checks in baselines.items()
-    }
+    result = {}
+    for notebook, checks in baselines.items():
+        rechecked = {name: check_for(name, check["value"]) for name, check in checks.items()}
+        result[notebook] = {name: check for name, check in rechecked.items() if check is not None}
+    return result
 
 
 if __name__ == "__main__":
