@@ -41,6 +41,9 @@ ALWAYS_INJECTED = ("PROFILE", "ARTIFACTS_DIR")
 # Injected into the notebooks that have them unless `--param` says otherwise: nobody can move a widget in a
 # headless run, so interactive notebooks render one static result instead.
 HEADLESS_DEFAULTS = {"INTERACTIVE": False}
+# The kernels get Jupyter's inline backend whatever MPLBACKEND says (CI sets Agg, under which ipykernel keeps Agg
+# and an executed notebook stores no figure).
+KERNEL_MPLBACKEND = "module://matplotlib_inline.backend_inline"
 _CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
 
 
@@ -526,7 +529,7 @@ def run_chain(
     outcomes: dict[str, Outcome] = {}
     print(f"mfkit run: profile {profile}, {len(chosen)} notebook(s), output {out_dir}", flush=True)
     print(table_header(width), flush=True)
-    with _env_var(ARTIFACTS_ENV, str(artifacts)):
+    with _env_var(ARTIFACTS_ENV, str(artifacts)), _env_var("MPLBACKEND", KERNEL_MPLBACKEND):
         for nb in chosen:
             reason = _skip_reason(nb, graph, outcomes)
             if reason:
