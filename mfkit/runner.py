@@ -15,7 +15,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -338,17 +339,18 @@ def _check_kernel() -> None:
 
 
 @contextmanager
-def _env_var(name: str, value: str) -> Iterator[None]:
-    """Set an environment variable (inherited by the kernels) for the duration of the run."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+def _env_vars(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables (inherited by the kernels) for the duration of the run."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _short(text: str, lines: int = 3, width: int = 200) -> str:
@@ -492,6 +494,22 @@ def resolve_output(profile: str, output: str | os.PathLike | None) -> Path:
     return Path(output).expanduser().resolve() if output is not None else (runs_dir() / profile).resolve()
 
 
+def _dependents(graph: Mapping[str, Iterable[str]]) -> dict[str, int]:
+    """How many notebooks need each notebook, directly or through others (the scheduler starts those first)."""
+    counts = dict.fromkeys(graph, 0)
+    for stem in graph:
+        for needed in prerequisites(stem, graph):
+            counts[needed] = counts.get(needed, 0) + 1
+    return counts
+
+
+def kernel_threads(jobs: int, cpus: int | None = None) -> int | None:
+    """Threads per kernel when `jobs` notebooks run side by side (the cores shared out), None for one at a time."""
+    if jobs <= 1:
+        return None
+    return max(1, (cpus or os.cpu_count() or 1) // jobs)
+
+
 def run_chain(
     profile: str = "smoke",
     only: Sequence[str | int] | None = None,
@@ -502,14 +520,18 @@ def run_chain(
     notebooks: str | os.PathLike | None = None,
     timeout: float | None = None,
     log_output: bool = False,
+    jobs: int = 1,
 ) -> ChainReport:
-    """Run the selected notebooks in order, print a table row after each, write `OUTPUT/summary.json`.
+    """Run the selected notebooks, print a table row after each, write `OUTPUT/summary.json`.
 
+    With `jobs` > 1, up to that many notebooks run side by side, each as soon as the notebooks it requires have
+    finished, and each kernel gets an equal share of the cores (`OMP_NUM_THREADS`); with 1, in number order.
     Raises `MfkitError` for bad input before anything runs; notebook failures are reported, not raised.
     """
     check_choice("--profile", profile, PROFILE_NAMES)
     if timeout is not None:
         check_positive("--timeout", timeout)
+    check_positive("--jobs", jobs)
     params = dict(params or {})
     if "PROFILE" in params:
         raise MfkitError("PROFILE cannot be passed as a parameter.", "use --profile smoke|cpu|gpu.")
@@ -523,41 +545,101 @@ def run_chain(
     injected = {**HEADLESS_DEFAULTS, "PROFILE": profile, "ARTIFACTS_DIR": str(artifacts), **params}
     graph = {nb.stem: nb.requires for nb in found}
     width = max([len(nb.stem) for nb in chosen] + [len("notebook")])
+    threads = kernel_threads(jobs)
+    from .reference import cpu_info  # reference reads run summaries, so it imports this module
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
-    outcomes: dict[str, Outcome] = {}
-    print(f"mfkit run: profile {profile}, {len(chosen)} notebook(s), output {out_dir}", flush=True)
+    side_by_side = f", {jobs} at a time with {threads} thread(s) each" if threads else ""
+    print(
+        f"mfkit run: profile {profile}, {len(chosen)} notebook(s){side_by_side}, output {out_dir}", flush=True
+    )
     print(table_header(width), flush=True)
-    with _env_var(ARTIFACTS_ENV, str(artifacts)), _env_var("MPLBACKEND", KERNEL_MPLBACKEND):
-        for nb in chosen:
-            reason = _skip_reason(nb, graph, outcomes)
-            if reason:
-                outcome = Outcome(STATUS_SKIPPED, error=f"{nb.stem} skipped: {reason}")
-            else:
-                outcome = run_notebook(nb, out_dir, artifacts, params_for(nb, injected), timeout, log_output)
-            outcomes[nb.stem] = outcome
-            print(table_row(nb.stem, asdict(outcome), width), flush=True)
-            if outcome.status == STATUS_FAILED:
-                print(indent(outcome.error or ""), flush=True)
-                if outcome.partial_metrics:
-                    print(indent(partial_note(asdict(outcome))), flush=True)
+
+    def report(nb: Notebook, outcome: Outcome) -> None:
+        outcomes[nb.stem] = outcome
+        print(table_row(nb.stem, asdict(outcome), width), flush=True)
+        if outcome.status == STATUS_FAILED:
+            print(indent(outcome.error or ""), flush=True)
+            if outcome.partial_metrics:
+                print(indent(partial_note(asdict(outcome))), flush=True)
+
+    outcomes: dict[str, Outcome] = {}
+    kernel_env = {ARTIFACTS_ENV: str(artifacts), "MPLBACKEND": KERNEL_MPLBACKEND}
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        kernel_env["OMP_NUM_THREADS"] = str(threads)
+    with _env_vars(kernel_env):
+        if jobs == 1:
+            for nb in chosen:
+                reason = _skip_reason(nb, graph, outcomes)
+                outcome = (
+                    Outcome(STATUS_SKIPPED, error=f"{nb.stem} skipped: {reason}")
+                    if reason
+                    else run_notebook(nb, out_dir, artifacts, params_for(nb, injected), timeout, log_output)
+                )
+                report(nb, outcome)
+        else:
+            _run_side_by_side(
+                chosen, graph, jobs, report, outcomes, out_dir, artifacts, injected, timeout, log_output
+            )
 
     summary = {
         "profile": profile,
         "ok": all(o.status == STATUS_OK for o in outcomes.values()),
         "started": started_at,
         "seconds": round(time.perf_counter() - started, 2),
+        "jobs": jobs,
+        "machine": cpu_info(),
         "notebooks_dir": str(chosen[0].path.parent),
         "output_dir": str(out_dir),
         "artifacts_dir": str(artifacts),
         "parameters": params,
-        "notebooks": {stem: asdict(o) for stem, o in outcomes.items()},
+        "notebooks": {nb.stem: asdict(outcomes[nb.stem]) for nb in chosen},
     }
     path = write_summary(summary, out_dir)
     print()
     print(format_summary(summary), flush=True)
     return ChainReport(summary, path)
+
+
+def _run_side_by_side(
+    chosen: Sequence[Notebook],
+    graph: Mapping[str, Iterable[str]],
+    jobs: int,
+    report: Callable[[Notebook, Outcome], None],
+    outcomes: Mapping[str, Outcome],
+    out_dir: Path,
+    artifacts: Path,
+    injected: Mapping[str, Any],
+    timeout: float | None,
+    log_output: bool,
+) -> None:
+    """Run `chosen` in up to `jobs` kernels at once, each notebook once every chosen notebook it needs is done.
+
+    The waiting notebook that most others need starts first (ties: number order), so long dependency paths
+    begin early.
+    """
+    names = {nb.stem for nb in chosen}
+    needs = {nb.stem: prerequisites(nb.stem, graph) & names for nb in chosen}
+    weight = _dependents(graph)
+    waiting = sorted(chosen, key=lambda nb: (-weight.get(nb.stem, 0), nb.number))
+    running: dict[Future[Outcome], Notebook] = {}
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mfkit-run") as pool:
+        while waiting or running:
+            for nb in [nb for nb in waiting if needs[nb.stem] <= outcomes.keys()]:
+                reason = _skip_reason(nb, graph, outcomes)
+                if reason:
+                    waiting.remove(nb)
+                    report(nb, Outcome(STATUS_SKIPPED, error=f"{nb.stem} skipped: {reason}"))
+                elif len(running) < jobs:
+                    waiting.remove(nb)
+                    args = (nb, out_dir, artifacts, params_for(nb, injected), timeout, log_output)
+                    running[pool.submit(run_notebook, *args)] = nb
+            if not running:
+                continue  # a skip above may have made others ready (to be skipped too)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: running[f].number):
+                report(running.pop(future), future.result())
 
 
 # --- summary and table --------------------------------------------------------------------------------------
@@ -673,6 +755,13 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"profile {summary.get('profile')}: {verdict} in {summary.get('seconds', 0.0):.1f} s "
         f"(summary: {Path(summary.get('output_dir', '.')) / SUMMARY_NAME})"
     )
+    machine = summary.get("machine")
+    if machine:
+        jobs = summary.get("jobs", 1)
+        lines.append(
+            f"ran on {machine.get('model')} ({machine.get('kind')}, {machine.get('cores')} cores), "
+            + (f"{jobs} notebooks at a time" if jobs > 1 else "one notebook at a time")
+        )
     return "\n".join(lines)
 
 

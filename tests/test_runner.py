@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,48 @@ def test_transitive_skip_through_unselected_notebook(
     assert report.summary["notebooks"]["02_boom"]["error"].startswith(
         "02_boom failed in cell 4 (In [3]: 1 / 0): ZeroDivisionError: division by zero"
     )
+
+
+def test_side_by_side_waits_for_prerequisites_and_overlaps_the_rest(
+    fake_papermill: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`jobs=2`: a notebook starts only after the chosen notebooks it needs end; independent ones overlap; the
+    outcomes and the summary's order are those of a run one at a time; kernels get a share of the cores."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    spans: dict[str, tuple[float, float]] = {}
+    threads: dict[str, str | None] = {}
+    stub = papermill.execute_notebook
+
+    def timed(input_path: Path, output_path: Path, **kwargs: Any) -> None:
+        started = time.monotonic()
+        threads[Path(input_path).stem] = os.environ.get("OMP_NUM_THREADS")
+        time.sleep(0.3)
+        try:
+            stub(input_path, output_path, **kwargs)
+        finally:
+            spans[Path(input_path).stem] = (started, time.monotonic())
+
+    monkeypatch.setattr(papermill, "execute_notebook", timed)
+    notebooks = make_chain(tmp_path / "nb")
+    one = runner.run_chain(notebooks=notebooks, output=tmp_path / "one")
+    spans.clear()
+    two = runner.run_chain(notebooks=notebooks, output=tmp_path / "two", jobs=2)
+
+    assert list(two.summary["notebooks"]) == list(one.summary["notebooks"])  # number order
+    assert {s: e["status"] for s, e in two.summary["notebooks"].items()} == {
+        s: e["status"] for s, e in one.summary["notebooks"].items()
+    }
+    assert set(spans) == {"01_record", "02_boom", "05_independent"}  # 03 and 04 skipped after 02 failed
+    assert spans["05_independent"][0] >= spans["01_record"][1]  # waited for what it needs
+    assert spans["02_boom"][0] < spans["01_record"][1]  # ran beside 01
+    assert set(threads.values()) == {"1"} and two.summary["jobs"] == 2
+    assert two.summary["machine"]["kind"]
+
+
+def test_jobs_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(MfkitError, match="--jobs"):
+        runner.run_chain(notebooks=make_chain(tmp_path / "nb"), output=tmp_path / "out", jobs=0)
 
 
 def test_artifacts_dir_param_and_stale_ledger(fake_papermill: list[dict[str, Any]], tmp_path: Path) -> None:
