@@ -69,7 +69,16 @@ def _add_results(subparsers: argparse._SubParsersAction) -> None:
         "--profile", metavar="{smoke,cpu,gpu}", help="show runs/<profile> instead of the latest run"
     )
     parser.add_argument(
-        "--compare", nargs=2, metavar=("A", "B"), help="compare two runs (folders or profile names)"
+        "--compare",
+        nargs="+",
+        metavar="RUN",
+        help="compare two runs (folders or profile names), or `reference [RUN]`: a run (default: the latest) "
+        "beside the committed reference of its profile, each difference marked expected or not",
+    )
+    parser.add_argument(
+        "--save-reference",
+        metavar="RUN",
+        help="copy a clean run's recorded results and the CPU they ran on into reference/<profile>/",
     )
     parser.set_defaults(handler=_cmd_results)
 
@@ -228,10 +237,25 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from .errors import check_choice
     from .profiles import PROFILE_NAMES
 
+    if args.save_reference:
+        from .reference import save_reference
+
+        print(f"saved the reference ledger in {save_reference(args.save_reference)}")
+        return 0
     if args.compare:
         if args.output or args.profile:
             raise MfkitError(
                 "--compare takes the two runs itself.", "drop --output/--profile: --compare A B."
+            )
+        if args.compare[0] == "reference" and len(args.compare) <= 2:
+            from .reference import compare_with_reference
+
+            print(compare_with_reference(*args.compare[1:]))
+            return 0
+        if len(args.compare) != 2:
+            raise MfkitError(
+                f"--compare got {len(args.compare)} run(s).",
+                "give two runs (--compare A B), or the reference and a run (--compare reference RUN).",
             )
         first, second = (runner.load_summary(runner.find_run(name)) for name in args.compare)
         print(runner.format_comparison(first, second, *args.compare))
