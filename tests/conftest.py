@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import mfkit
+from mfkit.cli import main
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +32,16 @@ def tiny_classifier_dir(tmp_path_factory) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+SMOKE_JOBS = 2  # two kernels with one thread each: the fastest way through the chain on 2 cores
+
+
+@pytest.fixture(scope="session")
+def smoke_chain(tmp_path_factory) -> dict:
+    """The whole chain in `smoke`, run once per test session and shared by every test that needs its outputs:
+    its summary, plus `exit_code` and `output` (the run folder: executed notebooks, artifacts/, summary.json)."""
+    output = tmp_path_factory.mktemp("chain")
+    code = main(["run", "--profile", "smoke", "--jobs", str(SMOKE_JOBS), "--output", str(output)])
+    summary = json.loads((output / "summary.json").read_text())
+    return {**summary, "exit_code": code, "output": output}

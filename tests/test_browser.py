@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from mfkit.cli import main
 from mfkit.paths import notebooks_dir, runs_dir
 from mfkit.serve import free_port
 
@@ -30,8 +29,9 @@ DRIVER = shutil.which("chromedriver") or (
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A parameterized copy of notebook 16 (smoke, its own artifacts from 01-02) served by JupyterLab."""
+def lab(tmp_path_factory, smoke_chain):
+    """A parameterized copy of notebook 16 (smoke) served by JupyterLab, on a copy of the smoke chain's tokenizer
+    and tiny GPT (its own artifacts folder, so the chain's ledger stays as the chain wrote it)."""
     pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
     pytest.importorskip("jupyterlab", reason="JupyterLab is not installed (pip install jupyterlab)")
     if not (BROWSER and DRIVER):
@@ -39,7 +39,12 @@ def lab(tmp_path_factory):
     import papermill
 
     root = tmp_path_factory.mktemp("lab")
-    assert main(["run", "--profile", "smoke", "--only", "01,02", "--output", str(root / "run")]) == 0
+    chain_artifacts = smoke_chain["output"] / "artifacts"
+    for needed in ("tokenizer", "models/tiny-gpt"):  # what 01 and 02 wrote and 16 reads
+        assert (chain_artifacts / needed).is_dir(), (
+            f"the smoke chain wrote no {needed}: {smoke_chain['notebooks']}"
+        )
+        shutil.copytree(chain_artifacts / needed, root / "run" / "artifacts" / needed)
     papermill.execute_notebook(
         notebooks_dir() / NOTEBOOK,
         root / NOTEBOOK,

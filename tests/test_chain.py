@@ -13,13 +13,10 @@ from mfkit.paths import notebooks_dir
 BASELINES = Path(__file__).parent / "baselines" / "smoke.json"
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> dict:
-    output = tmp_path_factory.mktemp("chain")
-    code = main(["run", "--profile", "smoke", "--output", str(output)])
-    summary = json.loads((output / "summary.json").read_text())
-    summary["exit_code"] = code
-    return summary
+@pytest.fixture
+def smoke_run(smoke_chain) -> dict:
+    """The session's smoke chain (tests/conftest.py), which other test files share."""
+    return smoke_chain
 
 
 @pytest.mark.notebooks
@@ -58,10 +55,11 @@ def test_recorded_numbers_match_baselines(smoke_run):
 
 
 @pytest.mark.notebooks
-@pytest.mark.parametrize("stem", ["04_multistep-finetuning", "05_peft-lora"])
-def test_a_notebook_that_starts_from_03_names_it_when_run_alone(tmp_path, stem):
-    """With an empty artifacts folder, 04 and 05 stop at once and say to run notebook 03 first."""
-    code = main(["run", "--profile", "smoke", "--only", stem[:2], "--output", str(tmp_path)])
-    outcome = json.loads((tmp_path / "summary.json").read_text())["notebooks"][stem]
-    assert code == 1 and outcome["status"] == "failed"
-    assert "03_full-finetuning" in outcome["error"] and "run" in outcome["error"]
+def test_a_notebook_that_starts_from_03_names_it_when_run_alone(tmp_path):
+    """With an empty artifacts folder, 04 and 05 (side by side, in one run) stop at once and say to run 03 first."""
+    code = main(["run", "--profile", "smoke", "--only", "04,05", "--jobs", "2", "--output", str(tmp_path)])
+    outcomes = json.loads((tmp_path / "summary.json").read_text())["notebooks"]
+    assert code == 1 and set(outcomes) == {"04_multistep-finetuning", "05_peft-lora"}
+    for outcome in outcomes.values():
+        assert outcome["status"] == "failed"
+        assert "03_full-finetuning" in outcome["error"] and "run" in outcome["error"]
