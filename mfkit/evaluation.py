@@ -3,6 +3,8 @@
     reliability_table(...), expected_calibration_error(...)  how far confidence is from accuracy, bin by bin
     fit_temperature(...), scale_logits(...)                  temperature scaling: one scalar fitted on validation
     choose_threshold(...), apply_threshold(...)              a decision threshold tuned on validation only
+    choose_variant(...)                                      the variant kept, chosen on validation predictions
+    selection_helper, SELECTION_HELPERS                      the functions that choose; validation data only
     bootstrap_ci(...), paired_bootstrap(...)                 percentile bootstrap intervals, one model or a difference
     error_table(...)                                         the test mails a model gets wrong, with reasons
     ledger_metrics(...)                                      other notebooks' headline metrics, or who to run first
@@ -10,6 +12,11 @@
     label_smoothing_loss(...), with_l1(...)                  loss functions for `fit(..., loss_fn=...)`
 
 Probabilities are softmax outputs of shape [n, C]; labels are class ids. Everything is numpy in, numpy out.
+
+**Choosing reads validation data only.** Every function that chooses something (a threshold, a temperature, the
+variant kept, the model served) is marked with `@selection_helper` and listed in `SELECTION_HELPERS`. Give it the
+validation split's outputs; the test split is scored once, after the choice. `tests/test_selection_split.py` reads
+the notebooks' code and fails when a call of one of them names test-split data (or names no validation data).
 """
 
 from __future__ import annotations
@@ -32,6 +39,17 @@ from .paths import atomic_path
 from .training import Batch, LossFn, default_loss
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
+
+# name -> function, for every kit function that chooses something from a model's outputs (see the module's doc)
+SELECTION_HELPERS: dict[str, Callable[..., Any]] = {}
+
+
+def selection_helper(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark `function` as one that chooses (a threshold, a temperature, a variant, a model): it must be given the
+    validation split's outputs only. The mark is the registry `SELECTION_HELPERS`, which the notebook check reads;
+    the function itself is returned unchanged."""
+    SELECTION_HELPERS[function.__name__] = function
+    return function
 
 
 def _check_probs(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +115,7 @@ def scale_logits(logits: Any, temperature: float) -> np.ndarray:
     return softmax(np.asarray(logits, dtype=np.float64) / temperature)
 
 
+@selection_helper
 def fit_temperature(logits: Any, labels: Any, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
     """The temperature T that minimises the mean negative log-likelihood of softmax(logits / T) on (logits, labels).
 
@@ -126,6 +145,7 @@ def fit_temperature(logits: Any, labels: Any, bounds: tuple[float, float] = (0.0
 # --------------------------------------------------------------------------------------------------------------
 
 
+@selection_helper
 def choose_threshold(labels: Any, scores: Any, metric: str = "f1") -> tuple[float, float]:
     """(threshold, value): the cut-off on `scores` (e.g. validation p(spam)) whose rule "positive when score >=
     threshold" maximises `metric` ("f1" of class 1, or "accuracy") on these arrays. Pass validation arrays only:
@@ -183,6 +203,30 @@ def f1_of_positive(labels: np.ndarray, preds: np.ndarray) -> float:
     tp = np.count_nonzero(labels & preds)
     wrong = np.count_nonzero(labels != preds)
     return 2 * tp / (2 * tp + wrong) if tp or wrong else 0.0
+
+
+@selection_helper
+def choose_variant(
+    validation_labels: Any, validation_preds: Mapping[str, Any], metric: Metric = f1_of_positive
+) -> tuple[str, dict[str, float]]:
+    """(name, scores): the variant whose predictions on the *validation* split score best by `metric` (F1 of
+    class 1 by default), and every variant's score. Ties go to the variant listed first. Pass validation
+    predictions only: the kept variant's test score is measured once, after this choice, and is then an honest
+    estimate; a variant chosen by its test score would carry that choice's luck into the number reported."""
+    labels = np.asarray(validation_labels)
+    if not validation_preds:
+        raise MfkitError("choose_variant got no variants.", "pass {name: validation predictions, ...}.")
+    scores = {}
+    for name, preds in validation_preds.items():
+        preds = np.asarray(preds)
+        if preds.shape != labels.shape or len(labels) == 0:
+            raise MfkitError(
+                f"{name}: {preds.shape} predictions for {labels.shape} validation labels.",
+                "pass one predicted class id per validation example for every variant.",
+            )
+        scores[name] = float(metric(labels, preds))
+    best = max(scores.values())
+    return next(name for name, value in scores.items() if value == best), scores
 
 
 def _bootstrap(samples: tuple, statistic: Callable, n_resamples: int, confidence: float, seed: int):

@@ -22,6 +22,7 @@ import torch
 
 from .classify import CARD_NAME
 from .errors import MfkitError
+from .evaluation import selection_helper
 from .paths import atomic_folder
 from .predict import SERVING_CONFIG
 from .results import load_results
@@ -93,17 +94,41 @@ def waterfall(artifacts: str | Path, steps: Sequence[Step] = STEPS) -> pd.DataFr
     return table
 
 
-def choose(table: pd.DataFrame, tolerance: float = 0.01) -> str:
-    """The fastest servable saved model (lowest latency) whose test F1 is within `tolerance` of full
-    fine-tuning's."""
-    saved = table[table["servable"] & (table["status"] == "ok") & table["latency ms"].notna()]
-    good = saved[saved["F1 - full"] >= -tolerance]
-    if good.empty:
+@selection_helper
+def choose(
+    table: pd.DataFrame,
+    tolerance: float = 0.01,
+    *,
+    validation_labels: Sequence[int],
+    validation_preds: Mapping[str, Sequence[int]],
+) -> str:
+    """The fastest servable saved model (lowest `latency ms` in `table`) whose F1 on the **validation** split is
+    at most `tolerance` below full fine-tuning's F1 there.
+
+    `validation_preds` maps a step of the table to its predicted class ids on the validation examples whose
+    labels are `validation_labels`; it must include full fine-tuning (the row saved in `03-classifier`), the
+    reference. The table's test F1 is never read: the chosen model's test F1 is measured after the choice, so it
+    stays an honest estimate.
+    """
+    from .evaluation import f1_of_positive
+
+    reference = table.index[table["model folder"] == "03-classifier"]
+    if len(reference) == 0 or reference[0] not in validation_preds:
         raise MfkitError(
-            "no saved model is within tolerance of full fine-tuning, or none was measured.",
+            "full fine-tuning (03-classifier) has no validation predictions, so nothing can be compared to it.",
+            "run notebook 03 first and pass its validation predictions in validation_preds.",
+        )
+    labels = np.asarray(validation_labels)
+    val_f1 = {step: f1_of_positive(labels, np.asarray(preds)) for step, preds in validation_preds.items()}
+    saved = table[table["servable"] & (table["status"] == "ok") & table["latency ms"].notna()]
+    saved = saved[saved.index.isin(list(val_f1))]
+    good = [step for step in saved.index if val_f1[step] >= val_f1[reference[0]] - tolerance]
+    if not good:
+        raise MfkitError(
+            "no saved model is within tolerance of full fine-tuning on validation, or none was measured.",
             "run notebook 03 first (its classifier is always a candidate), or raise the tolerance.",
         )
-    return str(good["latency ms"].idxmin())
+    return str(saved.loc[good, "latency ms"].idxmin())
 
 
 def load_variant(folder: str | Path) -> tuple[Any, Any]:
@@ -121,6 +146,7 @@ def load_variant(folder: str | Path) -> tuple[Any, Any]:
     )
 
 
+@selection_helper
 def serving_rule(
     source: str | Path,
     rule_file: str | Path,

@@ -204,3 +204,16 @@ def test_l1_and_label_smoothing_losses():
     assert ev.decayed_weights(model) == [model.linear.weight]
     with pytest.raises(MfkitError):
         ev.label_smoothing_loss(1.0)
+
+
+def test_choose_variant_keeps_the_best_on_validation_and_breaks_ties_by_order():
+    labels = np.array([1, 1, 0, 0])
+    preds = {"a": np.array([1, 0, 0, 0]), "b": np.array([1, 1, 0, 0]), "c": np.array([1, 1, 0, 0])}
+    chosen, scores = ev.choose_variant(labels, preds)
+    assert chosen == "b" and scores["b"] == 1.0 and scores["a"] == pytest.approx(2 / 3)
+    assert ev.choose_variant(labels, {"x": preds["a"], "y": preds["a"]})[0] == "x"
+    assert ev.SELECTION_HELPERS["choose_variant"] is ev.choose_variant
+    with pytest.raises(MfkitError, match="no variants"):
+        ev.choose_variant(labels, {})
+    with pytest.raises(MfkitError, match="predictions"):
+        ev.choose_variant(labels, {"short": np.array([1, 0])})

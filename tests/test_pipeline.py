@@ -32,8 +32,9 @@ def test_the_waterfall_reads_each_step_and_names_what_did_not_run(tmp_path):
     assert table.loc["full fine-tuning", "status"] == "ok"
 
 
-def test_choose_takes_the_fastest_model_within_the_tolerance(tmp_path):
-    write_ledger(tmp_path, "03_full-finetuning", {"baseline_f1": 0.9, "test_f1": 0.95})
+def test_choose_takes_the_fastest_model_within_the_tolerance_on_validation(tmp_path):
+    # the test F1s say "fast but bad" is bad; the choice must not read them, only the validation predictions
+    write_ledger(tmp_path, "03_full-finetuning", {"baseline_f1": 0.5, "test_f1": 0.95})
     steps = (
         pipeline.Step("full", "03_full-finetuning", "test_f1", folder="03-classifier"),
         pipeline.Step("fast but bad", "03_full-finetuning", "baseline_f1", folder="x"),
@@ -41,11 +42,20 @@ def test_choose_takes_the_fastest_model_within_the_tolerance(tmp_path):
     table = pipeline.waterfall(tmp_path, steps)
     table["latency ms"] = [10.0, 1.0]
     assert table["servable"].all()
-    assert pipeline.choose(table, tolerance=0.01) == "full"
-    assert pipeline.choose(table, tolerance=0.06) == "fast but bad"
+    labels = np.array([1] * 10 + [0] * 10)
+    full = labels.copy()
+    fast = labels.copy()
+    fast[0] = 0  # one spam missed on validation: F1 1.0 -> 0.947
+    preds = {"full": full, "fast but bad": fast}
+    assert pipeline.choose(table, 0.01, validation_labels=labels, validation_preds=preds) == "full"
+    assert pipeline.choose(table, 0.06, validation_labels=labels, validation_preds=preds) == "fast but bad"
+    with pytest.raises(TypeError):
+        pipeline.choose(table, 0.06)  # no validation predictions: no choice
+    with pytest.raises(MfkitError, match="full fine-tuning"):
+        pipeline.choose(table, 0.06, validation_labels=labels, validation_preds={"fast but bad": fast})
     table["latency ms"] = np.nan
     with pytest.raises(MfkitError, match="within tolerance"):
-        pipeline.choose(table)
+        pipeline.choose(table, validation_labels=labels, validation_preds=preds)
 
 
 def test_the_export_carries_the_rule_and_the_card_and_onnx_matches(tiny_classifier_dir, tmp_path):
