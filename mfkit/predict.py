@@ -100,14 +100,24 @@ class Predictor:
         return [self.labels[i] for i in chosen]
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, Any]]:
-        """One `{"label", "probability"}` per text; `probability` is that of the positive class (two classes)
-        or of the predicted class."""
+        """One dict per text, every number named for what it holds.
+
+        Two classes: `label` (the decision), `positive_label` (the class the threshold is about) and `p_positive`
+        (the probability of that class, the number compared with the threshold), e.g.
+        `{"label": "great", "positive_label": "other", "p_positive": 0.2}`. More classes: `label` (the argmax) and
+        `p_label`, the probability of that label.
+        """
         probs = self.probabilities(texts, batch_size)
         labels = self.decide(probs)
-        column = [self.positive] * len(labels) if len(self.labels) == 2 else probs.argmax(axis=1)
+        if len(self.labels) == 2:
+            positive = self.labels[self.positive]
+            return [
+                {"label": label, "positive_label": positive, "p_positive": float(probs[i, self.positive])}
+                for i, label in enumerate(labels)
+            ]
         return [
-            {"label": label, "probability": float(probs[i, c])}
-            for i, (label, c) in enumerate(zip(labels, column, strict=True))
+            {"label": label, "p_label": float(probs[i, c])}
+            for i, (label, c) in enumerate(zip(labels, probs.argmax(axis=1), strict=True))
         ]
 
 
@@ -181,7 +191,8 @@ def predict_file(
     threshold: float | None = None,
     progress: bool = True,
 ) -> Path:
-    """Predict every row of `input_path` and write it to `output_path` with `label` and `probability` added."""
+    """Predict every row of `input_path` and write it to `output_path` with the prediction's fields added
+    (`Predictor.predict`: `label`, `positive_label`, `p_positive` for two classes; `label`, `p_label` for more)."""
     from tqdm.auto import tqdm
 
     frame, texts = read_texts(input_path, text_column)  # bad input stops here, before the model loads
@@ -191,5 +202,5 @@ def predict_file(
         range(0, len(texts), batch_size), disable=not progress, desc="predicting", unit="batch"
     ):
         rows.extend(predictor.predict(texts[start : start + batch_size], batch_size))
-    result = frame.assign(label=[r["label"] for r in rows], probability=[r["probability"] for r in rows])
+    result = frame.assign(**{field: [r[field] for r in rows] for field in rows[0]})
     return write_atomically(result, output_path)

@@ -1,7 +1,9 @@
 """A small HTTP endpoint for a saved classifier, and a load test for it: `mfkit serve MODEL_DIR`.
 
 Routes: `GET /health` (the model and its decision rule) and `POST /predict` with `{"texts": ["...", ...]}`, which
-answers `{"predictions": [{"label": ..., "probability": ...}, ...]}`. Concurrent requests are **batched**: a
+answers `{"predictions": [{"label": ..., "positive_label": ..., "p_positive": ...}, ...]}` (for two classes:
+`p_positive` is the probability of `positive_label`, whatever the label decided; with more classes each prediction
+is `{"label": ..., "p_label": ...}`, the probability of that label). Concurrent requests are **batched**: a
 single worker takes every text waiting in the queue (up to `max_batch`, after waiting at most `max_wait_ms` for
 more to arrive) and runs one forward pass for all of them, so eight clients cost about one batch of eight, not
 eight passes. Inputs are bounded (texts per request, characters per text); a bad request gets a 4xx with a
@@ -116,6 +118,7 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> Any:
         return {
             "status": "ok",
             "labels": predictor.labels,
+            "positive_label": predictor.labels[predictor.positive] if len(predictor.labels) == 2 else None,
             "threshold": predictor.threshold,
             "max_texts": limits.max_texts,
             "max_chars": limits.max_chars,
@@ -203,6 +206,12 @@ def post_json(url: str, payload: dict[str, Any], timeout: float = 30.0) -> tuple
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
+
+
+def get_json(url: str, timeout: float = 30.0) -> dict[str, Any]:
+    """GET `url` and decode its JSON answer (e.g. the server's `/health`, with its count of batches run)."""
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        return json.loads(answer.read())
 
 
 def load_test(

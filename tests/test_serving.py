@@ -21,7 +21,12 @@ def test_the_threshold_decides_two_classes_and_temperature_softens(tiny_classifi
     assert probs.shape == (5, 2) and np.allclose(probs.sum(1), 1)
     cut = float(np.median(probs[:, 1]))
     predictor.threshold = cut
-    assert [p["label"] == "spam" for p in predictor.predict(TEXTS)] == list(probs[:, 1] >= cut)
+    predicted = predictor.predict(TEXTS)
+    assert [p["label"] == "spam" for p in predicted] == list(probs[:, 1] >= cut)
+    # the number is named for what it holds: p(spam), also where the label decided is ham
+    assert {p["positive_label"] for p in predicted} == {"spam"}
+    assert [p["p_positive"] for p in predicted] == pytest.approx(probs[:, 1].tolist(), abs=1e-6)
+    assert all(set(p) == {"label", "positive_label", "p_positive"} for p in predicted)
     predictor.temperature = 10.0
     assert np.abs(predictor.probabilities(TEXTS)[:, 1] - 0.5).max() < np.abs(probs[:, 1] - 0.5).max()
     (tiny_classifier_dir / predict.SERVING_CONFIG).write_text(
@@ -35,7 +40,9 @@ def test_the_threshold_decides_two_classes_and_temperature_softens(tiny_classifi
         (tiny_classifier_dir / predict.SERVING_CONFIG).unlink()
 
 
-def test_predict_file_adds_label_and_probability_equal_to_the_predictor(tiny_classifier_dir, tmp_path):
+def test_predict_file_adds_the_label_and_named_probability_equal_to_the_predictor(
+    tiny_classifier_dir, tmp_path
+):
     source = tmp_path / "mails.csv"
     pd.DataFrame({"id": range(5), "body": TEXTS}).to_csv(source, index=False)
     out = tmp_path / "out" / "pred.jsonl"
@@ -55,7 +62,9 @@ def test_predict_file_adds_label_and_probability_equal_to_the_predictor(tiny_cla
     rows = pd.read_json(out, lines=True)
     expected = predict.Predictor.load(tiny_classifier_dir).predict(TEXTS)
     assert rows["label"].tolist() == [e["label"] for e in expected]
-    assert rows["probability"].to_numpy() == pytest.approx([e["probability"] for e in expected], abs=1e-6)
+    assert rows["positive_label"].tolist() == ["spam"] * 5
+    assert rows["p_positive"].to_numpy() == pytest.approx([e["p_positive"] for e in expected], abs=1e-6)
+    assert "probability" not in rows.columns
     assert rows["id"].tolist() == list(range(5))
 
 
@@ -101,12 +110,17 @@ def test_the_endpoint_answers_like_the_predictor(server, tiny_classifier_dir):
     with urllib.request.urlopen(f"{server}/health", timeout=30) as answer:
         health = json.loads(answer.read())
     assert health["status"] == "ok" and health["labels"] == ["ham", "spam"]
+    assert (
+        health["positive_label"] == "spam"
+        and serve.get_json(f"{server}/health")["labels"] == health["labels"]
+    )
     status, body = serve.post_json(f"{server}/predict", {"texts": TEXTS[:3]})
     expected = predict.Predictor.load(tiny_classifier_dir).predict(TEXTS[:3])
     assert status == 200 and [p["label"] for p in body["predictions"]] == [e["label"] for e in expected]
-    assert [p["probability"] for p in body["predictions"]] == pytest.approx(
-        [e["probability"] for e in expected], abs=1e-5
+    assert [p["p_positive"] for p in body["predictions"]] == pytest.approx(
+        [e["p_positive"] for e in expected], abs=1e-5
     )
+    assert all(p["positive_label"] == "spam" for p in body["predictions"])
 
 
 @pytest.mark.parametrize(
@@ -137,3 +151,9 @@ def test_concurrent_clients_are_batched_and_measured(server):
     assert report["requests"] == 24 and report["failed"] == 0
     assert 0 < report["p50_ms"] <= report["p99_ms"] and report["requests_per_s"] > 0
     assert batches_run() - before < 24  # fewer forward passes than requests: concurrent texts shared batches
+
+
+def test_more_classes_name_the_probability_of_the_predicted_label():
+    predictor = predict.Predictor(model=None, tokenizer=None, labels=["a", "b", "c"])
+    predictor.probabilities = lambda texts, batch_size=32: np.array([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+    assert predictor.predict(["x", "y"]) == [{"label": "b", "p_label": 0.5}, {"label": "a", "p_label": 0.6}]
