@@ -83,6 +83,27 @@ def _add_results(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_cmd_results)
 
 
+def _add_book(subparsers: argparse._SubParsersAction) -> None:
+    """Wire `mfkit book [RUN] --output DIR`."""
+    from . import book
+
+    parser = subparsers.add_parser(
+        "book", help="render a run's executed notebooks as a static HTML book", description=book.__doc__
+    )
+    parser.add_argument(
+        "run", nargs="?", metavar="RUN", help="a run folder or profile name; default: the latest"
+    )
+    parser.add_argument("--output", metavar="DIR", help="where the book goes; default: RUN/book")
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="typeset math with MathJax and show Colab badges (from the network)",
+    )
+    parser.set_defaults(
+        handler=lambda args: print(f"wrote {book.build_book(args.run, args.output, args.online)}") or 0
+    )
+
+
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     """Wire `mfkit bench` from `mfkit.bench`; leave it out when that module does not exist."""
     module = f"{__package__}.bench"
@@ -204,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", title="commands")
     _add_run(subparsers)
     _add_results(subparsers)
+    _add_book(subparsers)
     _add_bench(subparsers)
     _add_notebooks(subparsers)
     _add_doctor(subparsers)
