@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import math
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import torch
@@ -192,6 +194,33 @@ def peft_config(
     return config_class(num_virtual_tokens=num_virtual_tokens, modules_to_save=save, **common)
 
 
+def _forward_with_past_key_values(self: nn.Module, *args: Any, past_key_values: Any = None, **kwargs: Any):
+    """The module's own `forward`, taking the prefix under its old name `past_key_values` and passing it as `cache`."""
+    if past_key_values is not None:
+        kwargs["cache"] = past_key_values
+    return type(self).forward(self, *args, **kwargs)
+
+
+def accept_past_key_values(model: nn.Module) -> list[str]:
+    """Let peft's prefix tuning hand its prefix to a backbone whose `forward` calls it `cache`; return their names.
+
+    transformers 5.25 renamed the `past_key_values` argument of its models' `forward` to `cache` (the old name
+    still works, with a deprecation warning, but is gone from the signature). For a classifier, peft 0.21 passes
+    the prefix to the backbone (BERT's `bert`) after looking for `past_key_values` in the signature of its
+    `forward`, and otherwise refuses prefix tuning ("Model does not support past key values ..."). Each direct
+    child of `model` that takes `cache` only gets, on this instance, a `forward` that also takes `past_key_values`
+    and passes it on as `cache` (a bound method: a deep copy of the model stays bound to the copy). Nothing changes
+    on older transformers, or for decoders, whose top-level `forward` peft calls with the old name.
+    """
+    changed = []
+    for name, module in model.named_children():
+        params = inspect.signature(module.forward).parameters
+        if "cache" in params and "past_key_values" not in params:
+            module.forward = MethodType(_forward_with_past_key_values, module)
+            changed.append(name)
+    return changed
+
+
 def build_peft_model(
     model: nn.Module,
     method: str,
@@ -235,6 +264,8 @@ def build_peft_model(
         total_steps=total_steps,
         **extra,
     )
+    if method == "prefix":
+        accept_past_key_values(model)
     try:
         with (
             warnings.catch_warnings()
