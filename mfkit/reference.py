@@ -251,6 +251,13 @@ def judge(
     return label, EXPECTED if abs(yours - reference) <= allowed + 1e-12 else UNEXPECTED
 
 
+def _only_in(reference_has_it: bool, profile: str) -> str:
+    """The verdict of a metric recorded on one side only (the smoke baselines leave machine-dependent ones out)."""
+    if reference_has_it:
+        return "only in the reference"
+    return "not a baseline (machine-dependent)" if profile == SMOKE else "only in yours"
+
+
 def format_reference_comparison(reference: Mapping[str, Any], run: Mapping[str, Any]) -> str:
     """A run beside the reference: per metric the two values, the difference, the spread, and the verdict."""
     rows: list[tuple[str, ...]] = []
@@ -273,15 +280,7 @@ def format_reference_comparison(reference: Mapping[str, Any], run: Mapping[str, 
                     if name in theirs
                     else ("-", format_value(mine[name], 24))
                 )
-                rows.append(
-                    (
-                        f"  {name}",
-                        *shown,
-                        "",
-                        "",
-                        "only in " + ("the reference" if name in theirs else "yours"),
-                    )
-                )
+                rows.append((f"  {name}", *shown, "", "", _only_in(name in theirs, reference["profile"])))
                 continue
             spread, verdict = judge(name, theirs[name], mine[name], theirs, checks.get(name))
             counts[EXPECTED if verdict == SAME else verdict] += 1

@@ -145,12 +145,14 @@ def test_compare_with_the_reference_marks_expected_and_unexpected_differences(pl
 
 
 def test_a_smoke_run_is_compared_with_the_smoke_baselines(places):
-    run = fake_run(places / "smoke", "smoke", {"03_full-finetuning": {"test_f1": 0.7, "test_loss": 0.21}})
+    recorded = {"test_f1": 0.7, "test_loss": 0.21, "train_seconds": 9.0}
+    run = fake_run(places / "smoke", "smoke", {"03_full-finetuning": recorded})
     out = reference.compare_with_reference(run)
     assert "reference: smoke" in out and str(places / "smoke.json") in out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert rows["test_f1"].endswith("UNEXPECTED") and rows["test_loss"].endswith("expected")
     assert rows["label"].endswith("only in the reference")
+    assert rows["train_seconds"].endswith("not a baseline (machine-dependent)")
 
 
 def test_a_missing_reference_says_how_to_make_one(places):
