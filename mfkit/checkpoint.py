@@ -40,20 +40,31 @@ def run_folder(
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random state a training step of this process can touch: Python, NumPy, torch CPU and CUDA."""
+    """Every random state a training step of this process can touch: Python, NumPy, torch CPU and its CUDA device.
+
+    Only the current CUDA device's generator (the one this process trains on; under `accelerate launch` each
+    process has its own): a checkpoint of every visible GPU's could not be restored on a machine with fewer.
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` captured."""
+    """Restore what `rng_state` captured (from a checkpoint that saved every GPU's, this device's entry)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, list | tuple):  # written by an older mfkit: one state per visible GPU
+        index = torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda)
 
 
 def temp_files(path: str | Path) -> list[Path]:

@@ -34,6 +34,33 @@ def synchronize(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
+def on_device(models: Mapping[str, nn.Module], device: torch.device | str) -> dict[str, nn.Module]:
+    """Move every model of a comparison to `device` (in place, like `nn.Module.to`) and return them by name.
+
+    Models that are timed or scored side by side must run in one place: `fit` leaves a model on the GPU, a model
+    loaded from disk is on the CPU, and a table of the two would compare the devices, not the models. A model
+    that cannot be moved there (weights on the `meta` device, i.e. never loaded) raises `MfkitError` by name.
+    """
+    device = torch.device(device)
+    moved = {}
+    for name, model in models.items():
+        try:
+            model.to(device)
+        except NotImplementedError as exc:  # torch: "Cannot copy out of meta tensor; no data!"
+            raise MfkitError(
+                f"{name!r} cannot be moved to {device}: its weights were never loaded ({exc}).",
+                "load or train the model before comparing it.",
+            ) from exc
+        where = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
+        if any(torch.device(w).type != device.type for w in where):
+            raise MfkitError(
+                f"{name!r} still has tensors on {where} after moving it to {device}.",
+                "check that the model keeps no tensors outside its parameters and buffers.",
+            )
+        moved[name] = model
+    return moved
+
+
 def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     """The batch's tensors on `device`, without `labels` (a forward pass for timing computes no loss)."""
     return {k: v.to(device) for k, v in batch.items() if k != "labels"}
@@ -101,9 +128,11 @@ class MemoryWindow:
     baseline_bytes: int
 
     @classmethod
-    def start(cls, device: torch.device | str) -> MemoryWindow:
+    def start(cls, device: torch.device | str, collect: bool = True) -> MemoryWindow:
+        """Open a window on `device`; `collect=False` skips freeing garbage first (the caller holds what counts)."""
         device = torch.device(device)
-        free_memory(device)
+        if collect:
+            free_memory(device)
         if device.type != "cuda":
             return cls(device, 0)
         torch.cuda.reset_peak_memory_stats(device)

@@ -51,6 +51,7 @@ from .env import pick_precision
 from .errors import MfkitError, check_choice
 from .metrics import gather_rows, gathering_with
 from .optim import SCHEDULES, make_optimizer, make_scheduler, parameter_groups, warmup_steps_of
+from .timing import MemoryWindow
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -201,6 +202,7 @@ class History:
     seconds: float = 0.0
     tokens: int = 0
     samples: int = 0
+    # CUDA: this fit's peak of tensor memory above what was in use when it began; else the process's peak RSS
     peak_memory_mb: float = 0.0
     memory_kind: str = ""
     resumed_from: int | None = None
@@ -260,13 +262,18 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return out.loss
 
 
-def count_tokens(batch: Batch) -> torch.Tensor:
-    """Real (non-padding) tokens in a batch, as a device tensor (no host sync)."""
+def count_tokens(batch: Batch) -> torch.Tensor | int:
+    """Real (non-padding) tokens in a batch, without a host sync.
+
+    With an attention mask: its sum, a tensor on the batch's device. Without one, every position counts, and the
+    count is known on the host: a Python int, which adds to a device tensor without a copy (a new tensor on the
+    device would be a host-to-device copy, i.e. one sync per micro-batch).
+    """
     if "attention_mask" in batch:
         return batch["attention_mask"].sum()
     if "input_ids" in batch:
-        return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
-    return torch.zeros((), dtype=torch.long)
+        return batch["input_ids"].numel()
+    return 0
 
 
 def batch_rows(batch: Batch) -> int:
@@ -293,16 +300,22 @@ def evaluate_loss(
     per_row = []
     for batch in loader:
         loss = loss_fn(model, batch).detach().float()
-        per_row.append(gather_rows(loss.reshape(1).repeat(batch_rows(batch)), accelerator).double())
+        per_row.append(gather_rows(loss.reshape(1).repeat(batch_rows(batch)), loader, accelerator).double())
     model.train(was_training)
     if not per_row:
         raise MfkitError("The evaluation loader is empty.", "give fit() a non-empty eval dataset.")
     return {"eval_loss": float(torch.cat(per_row).mean())}
 
 
-def peak_memory(device: torch.device) -> tuple[float, str]:
-    """Peak memory in MB: allocated by tensors on CUDA, else the whole process's peak resident set."""
+def peak_memory(device: torch.device, since: MemoryWindow | None = None) -> tuple[float, str]:
+    """Peak memory in MB: allocated by tensors on CUDA, else the whole process's peak resident set.
+
+    On CUDA with `since` (a `timing.MemoryWindow` opened when the work began), the peak since then above what was
+    in use at that moment; without it, the peak since the process started (or the last reset).
+    """
     if device.type == "cuda":
+        if since is not None:
+            return since.peak_mb(), since.kind
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
@@ -427,11 +440,14 @@ def release_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """Remove the autocast wrapper accelerate put on the model's `forward`; return the caller's plain module.
 
     Under mixed precision `accelerator.prepare` replaces `model.forward` by an autocast version (keeping the
-    original as `_original_forward`). Left in place, the model would keep running in fp16/bf16 after training
-    while a reloaded copy runs in fp32. (accelerate's own unwrapping follows `__wrapped__` to the innermost
+    original as `_original_forward`), and it flags the model as prepared. Left in place, the model would keep
+    running in fp16/bf16 after training while a reloaded copy runs in fp32. (accelerate's own unwrapping follows `__wrapped__` to the innermost
     function, past transformers' decorators of `forward`; this puts back exactly what was there.)
     """
     plain = bare_model(accelerator, model)
+    # accelerate marks what it prepared and returns a marked model untouched from the next `prepare`: a second
+    # fit would then run without autocast and without moving the model to the device.
+    plain.__dict__.pop("_is_accelerate_prepared", None)
     original = plain.__dict__.pop("_original_forward", None)
     if original is not None:
         if getattr(original, "__func__", None) is type(plain).forward:
@@ -553,6 +569,8 @@ def fit(
     a loss that becomes nan or inf stops training with an `MfkitError` within a few steps.
     """
     accelerator = accelerator or make_accelerator(config)
+    # This fit's own peak: on CUDA the peak is reset here and reported above the memory in use now.
+    memory = MemoryWindow.start(accelerator.device, collect=False)
     if config.log_with and not accelerator.log_with:
         raise MfkitError(
             f"log_with={config.log_with!r} is set, but the accelerator given to fit() has no tracker.",
@@ -583,6 +601,7 @@ def fit(
                 callbacks,
                 accelerator,
                 fingerprint,
+                memory,
             )
     finally:
         release_model(accelerator, prepared[0])
@@ -599,11 +618,17 @@ def _train(
     callbacks: Sequence[Callback],
     accelerator: Accelerator,
     fingerprint: dict[str, Any],
+    memory: MemoryWindow,
 ) -> History:
     """The loop of `fit`, on the prepared model, optimizer and loader."""
     model, optimizer, train_loader = prepared
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
+    if accelerator.num_processes > 1:
+        # Every process was seeded alike, so that all draw the same batches (the samplers have their own seeded
+        # generators, already built). Dropout must differ between them, or each would drop the same units of
+        # its shard: one draw that every process makes alike, plus the process's index, seeds its dropout.
+        torch.manual_seed(int(torch.randint(2**62, ())) + accelerator.process_index)
     history = History()
     state = TrainState(model, optimizer, scheduler, accelerator, config, history)
     best_state: dict[str, torch.Tensor] | None = None
@@ -616,6 +641,9 @@ def _train(
     ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
     if ckpt_path is not None and accelerator.is_main_process:
         remove_stale_temp_files(ckpt_path)  # left by a run killed while writing its checkpoint
+    if ckpt_path is not None and accelerator.num_processes > 1:
+        # The main process writes checkpoints while the others go on: all must see the same file (or none).
+        accelerator.wait_for_everyone()
     if ckpt_path is not None and config.resume and ckpt_path.exists():
         saved = load_checkpoint(ckpt_path)
         check_fingerprint(ckpt_path, saved.get("fingerprint"), fingerprint)
@@ -733,12 +761,15 @@ def _train(
                 accelerator.backward(loss / config.grad_accum)
             nonfinite_at.masked_fill_((nonfinite_at == 0) & ~torch.isfinite(loss.detach()), state.step + 1)
             window.loss += loss.detach() / config.grad_accum
-            window.tokens += count_tokens(batch).to(window.tokens.device)
+            window.tokens += count_tokens(batch)
             window.samples += batch_rows(batch)
         if config.grad_clip is not None:
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        scheduler.step()
+        # Where fp16's GradScaler skipped the update (inf/nan gradients), the schedule does not advance either.
+        # (A fused AdamW skips inside its kernel instead, unseen without a host sync: the schedule then moves on.)
+        if not optimizer.step_was_skipped:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         window.steps += 1
@@ -792,7 +823,9 @@ def _train(
         for cb in callbacks:
             cb.on_step_end(state)
         if checkpoint_now:
+            checkpoint_start = time.perf_counter()
             checkpoint()
+            window.pause(time.perf_counter() - checkpoint_start)  # nor is writing a checkpoint
 
     bar.close()
     check_finite()
@@ -802,7 +835,7 @@ def _train(
         history.samples += window.samples * accelerator.num_processes
         window.reset()
     history.steps = state.step
-    history.peak_memory_mb, history.memory_kind = peak_memory(accelerator.device)
+    history.peak_memory_mb, history.memory_kind = peak_memory(accelerator.device, memory)
     checkpoint()
     if config.restore_best and best_state is not None:
         bare_model(accelerator, model).load_state_dict(best_state)
