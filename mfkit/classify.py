@@ -336,7 +336,8 @@ def save_classifier(
 
     `card` (settings and scores of the run that made it) is written beside the weights as `mfkit.json`, so a later
     notebook knows what it starts from. The folder is written beside `target` first and renamed into place, so an
-    interrupted save never leaves a half-written model for a later notebook to load.
+    interrupted save never leaves a half-written model for a later notebook to load. Under `accelerate launch`,
+    call it on every process: the main one's folder is the one put in place (see `paths.atomic_folder`).
     """
     target = Path(target)
     with atomic_folder(target) as staging:

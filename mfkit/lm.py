@@ -257,7 +257,8 @@ def save_tiny_gpt(
     """Save model + tokenizer to `ARTIFACTS_DIR/models/<name>` in one rename, so `load_model(name)` finds them.
 
     Everything is written to a temporary folder beside the target first; a crash half-way leaves the previous
-    model (or nothing), never a half-written folder that a later notebook would load.
+    model (or nothing), never a half-written folder that a later notebook would load. Under `accelerate launch`,
+    call it on every process: the main one's folder is the one put in place (see `paths.atomic_folder`).
     """
     target = artifacts_dir(artifacts) / "models" / name
     with atomic_folder(target) as staging:

@@ -32,16 +32,25 @@ def gathering_with(accelerator: Any) -> Iterator[None]:
         _ACCELERATOR.reset(token)
 
 
-def gather_rows(rows: torch.Tensor, accelerator: Any = None) -> torch.Tensor:
-    """One batch's per-example results (first dimension = examples) from every process, on the CPU.
+def is_sharded(loader: Any) -> bool:
+    """True for a loader `accelerator.prepare` returned: under several processes each reads its own shard."""
+    from accelerate.data_loader import DataLoaderStateMixin
 
-    Under data parallelism each process scores its own shard of the evaluation loader; without gathering, every
-    process would report (and act on) a different number. `accelerator.gather_for_metrics` collects the rows of
-    all processes in order and drops the duplicates accelerate adds to make the last batches even. It must be
-    called once per batch of a prepared loader. With one process (or outside `fit`) it returns `rows` unchanged.
+    return isinstance(loader, DataLoaderStateMixin)
+
+
+def gather_rows(rows: torch.Tensor, loader: Any, accelerator: Any = None) -> torch.Tensor:
+    """One batch of `loader`'s per-example results (first dimension = examples) from every process, on the CPU.
+
+    Under data parallelism each process scores its own shard of a prepared evaluation loader; without gathering,
+    every process would report (and act on) a different number. `accelerator.gather_for_metrics` collects the rows
+    of all processes in order and drops the duplicates accelerate adds to make the last batches even. It must be
+    called once per batch of a prepared loader. A plain loader (one `fit` did not prepare, e.g. an `eval_fn`'s own)
+    is read whole by every process, so its rows are already all there and come back unchanged, as they do with
+    one process or outside `fit`.
     """
     accelerator = accelerator or _ACCELERATOR.get()
-    if accelerator is None or accelerator.num_processes == 1:
+    if accelerator is None or accelerator.num_processes == 1 or not is_sharded(loader):
         return rows.cpu()
     return accelerator.gather_for_metrics(rows.to(accelerator.device)).cpu()
 
@@ -52,8 +61,8 @@ def predict_logits(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run a classifier over `loader`; return (logits [n, classes], labels [n]).
 
-    Under `fit` with several processes (or with `accelerator` given), the rows of every process are gathered, so
-    each process gets the logits of the whole loader (see `gather_rows`).
+    Under `fit` with several processes (or with `accelerator` given), the rows of every process's shard of a
+    prepared loader are gathered, so each process gets the logits of the whole loader (see `gather_rows`).
     """
     device = torch.device(device) if device else next(model.parameters()).device
     was_training = model.training
@@ -62,8 +71,8 @@ def predict_logits(
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         target = batch.pop("labels")
-        logits.append(gather_rows(model(**batch).logits.float(), accelerator))
-        labels.append(gather_rows(target, accelerator))
+        logits.append(gather_rows(model(**batch).logits.float(), loader, accelerator))
+        labels.append(gather_rows(target, loader, accelerator))
     model.train(was_training)
     if not logits:
         raise MfkitError("The loader to predict on is empty.", "pass a loader over at least one example.")
@@ -114,7 +123,8 @@ def token_nll(
 
     For a block x_1..x_T the model predicts x_{t+1} from x_1..x_t, so a block contributes T-1 predictions
     (positions whose label is -100 are skipped). Under `fit` with several processes the per-block sums of every
-    process are gathered (see `gather_rows`), so every process gets the figures of the whole loader.
+    process's shard of a prepared loader are gathered (see `gather_rows`), so every process gets the figures of the
+    whole loader.
     """
     device = torch.device(device) if device else next(model.parameters()).device
     was_training = model.training
@@ -136,7 +146,7 @@ def token_nll(
         per_block = torch.stack(
             [losses.sum(dim=1).double(), (shift_labels != -100).sum(dim=1).double()], dim=1
         )
-        per_block = gather_rows(per_block, accelerator)
+        per_block = gather_rows(per_block, loader, accelerator)
         total += float(per_block[:, 0].sum())
         count += int(per_block[:, 1].sum())
     model.train(was_training)

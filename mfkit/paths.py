@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import MfkitError
 
@@ -125,25 +126,51 @@ def _default_permissions(path: Path, mode: int) -> None:
     path.chmod(mode & ~umask)
 
 
+def _processes() -> Any | None:
+    """accelerate's `PartialState` where several processes run this code (`accelerate launch`), else None.
+
+    Read from torchrun's WORLD_SIZE, so a single process (a notebook) never creates accelerate's state here.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def is_main_process() -> bool:
+    """True in the process that writes shared files: the only one, or the main one under `accelerate launch`."""
+    state = _processes()
+    return state is None or state.is_main_process
+
+
 @contextmanager
 def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging folder beside `target`; on success it takes the place of `target` by rename.
 
     A crash half-way leaves the previous folder (or nothing) in place, never a half-written one that a later
     notebook would load. The previous folder is moved aside first and deleted once the new one is in place.
+
+    Under `accelerate launch`, call it on every process: each writes to its own staging folder, only the main
+    process's takes the place of `target`, and every process waits at the end until it has (so that all of them
+    can load `target` next). Called on the main process only, it would wait for the others forever.
     """
     target = Path(target).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
+    processes = _processes()
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     retired: Path | None = None
     try:
         yield staging
-        _default_permissions(staging, 0o777)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, retired / target.name)
-        os.replace(staging, target)
+        if processes is None or processes.is_main_process:
+            _default_permissions(staging, 0o777)
+            if target.exists():
+                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+                os.replace(target, retired / target.name)
+            os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
+        if processes is not None:
+            processes.wait_for_everyone()

@@ -317,7 +317,9 @@ def folder_bytes(path: str | Path) -> int:
 
 def saved_size(model: nn.Module, target: str | Path | None = None) -> int:
     """Bytes `model.save_pretrained` writes: only the adapter (and saved modules) for a peft model, every weight
-    for a plain transformers model. With `target` None the files go to a temporary folder that is removed."""
+    for a plain transformers model. With `target` None the files go to a temporary folder that is removed.
+    Under `accelerate launch`, call it on every process: the main one writes `target` (see `paths.atomic_folder`),
+    and every process measures it once it is in place."""
     if target is not None:
         with atomic_folder(target) as staging:
             model.save_pretrained(staging)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MfkitError
-from .paths import artifacts_dir, atomic_path
+from .paths import artifacts_dir, atomic_path, is_main_process
 
 RUN_KEY = "_run"
 FAILED_DIR = "failed"
@@ -95,7 +95,8 @@ def record(name: str, value: Any, notebook: str | None = None) -> Any:
             f"record() got the name {name!r}; names starting with '_' are reserved (e.g. {RUN_KEY!r}).",
             "record under a plain name such as 'test_f1'.",
         )
-    _write_ledger(_notebook(notebook), name, value)
+    if is_main_process():  # under `accelerate launch` every process records the same (broadcast) figures
+        _write_ledger(_notebook(notebook), name, value)
     return value
 
 

@@ -202,10 +202,15 @@ class MultiTaskTagger(nn.Module):
 
     The loss is the sum of the tasks' token cross-entropies (ignoring -100). The first task's labels arrive as
     `labels` (from `TaggingCollator`), the others as `labels_<task>`.
+
+    The encoder's pooler (BERT's [CLS] layer, as `AutoModel` loads it) is removed: no loss reads it, and a weight
+    without a gradient stops DistributedDataParallel at the second step under `accelerate launch`.
     """
 
     def __init__(self, encoder: nn.Module, num_labels: Mapping[str, int], dropout: float = 0.1) -> None:
         super().__init__()
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None
         self.encoder = encoder
         self.tasks = tuple(num_labels)
         hidden = encoder.config.hidden_size

@@ -1,4 +1,6 @@
-"""fit under `accelerate launch` with 2 CPU processes (DDP, gloo) matches 1 process with the same global batch."""
+"""fit under `accelerate launch` with 2 CPU processes (DDP, gloo) matches 1 process with the same global batch, and
+what only several processes can show: gradient accumulation, an uneven training loader, an eval_fn's own loader,
+dropout, checkpoint and resume, a model with a pooler, and files saved by every process (see tests/ddp_worker.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ REPO = WORKER.parent.parent
 
 
 def run(out: Path, processes: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # No GPU, even on a machine that has some: 2 ranks on 1 GPU would ask for an invalid device, and the worker's
+    # figures are compared with a CPU run (its configs also say cpu=True).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     script = [str(WORKER), str(out), "16"]
     if processes == 1:
         cmd = [sys.executable, *script]
@@ -46,7 +50,17 @@ def run(out: Path, processes: int) -> dict:
     result = json.loads(out.read_text())
     result["ranks"] = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(processes)]
     result["weights"] = [torch.load(f"{out}.rank{r}.pt") for r in range(processes)]
+    result["saved"] = {
+        name: [torch.load(f"{out}.rank{r}.{name}.pt") for r in range(processes)]
+        for name in ("accumulated", "dropout", "uninterrupted", "resumed")
+    }
     return result
+
+
+def assert_equal_weights(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +97,8 @@ def test_early_stopping_under_ddp_takes_one_decision_and_restores_the_same_weigh
     for history in (single, rank0, rank1):
         assert history["stopped_early"] and history["steps"] == 6 and history["best_step"] == 2
     (one,), (first, second) = runs[1]["weights"], runs[2]["weights"]
+    assert_equal_weights(first, second)  # bit-identical on both ranks
     for name, value in first.items():
-        assert torch.equal(value, second[name]), name  # bit-identical on both ranks
         torch.testing.assert_close(value, one[name], rtol=1e-4, atol=1e-5)  # and the one-process run's
 
 
@@ -94,3 +108,59 @@ def test_gradual_unfreezing_is_refused_on_every_rank_only_under_ddp(runs):
     for rank in runs[2]["ranks"]:
         assert "Gradual unfreezing cannot run on 2 processes" in rank["unfreezing_refused"]
         assert "Fix:" in rank["unfreezing_refused"]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_over_an_uneven_training_loader(runs):
+    single, (rank0, rank1) = runs[1]["ranks"][0], runs[2]["ranks"]
+    assert rank0["accumulated"] == rank1["accumulated"]
+    # Steps 1-3 see the same global micro-batches as one process (accumulated without a gradient sync in between).
+    assert rank0["accumulated"]["train"][:3] == pytest.approx(single["accumulated"]["train"][:3], rel=1e-4)
+    # Step 4 ends the epoch: one process's last micro-batch has 8 rows; 2 processes make it 8 + 8, the second 8
+    # repeated from the epoch's start (accelerate's even batches), so the runs part there, but the ranks agree.
+    assert len(rank0["accumulated"]["train"]) == 6
+    assert_equal_weights(*runs[2]["saved"]["accumulated"])
+
+
+@pytest.mark.slow
+def test_an_eval_fns_own_loader_is_scored_whole_once_even_at_an_epochs_end(runs):
+    single, (rank0, rank1) = runs[1]["ranks"][0], runs[2]["ranks"]
+    # 32 rows of 15 predicted tokens, at step 4 and at step 8 (the first epoch's last batch): neither duplicated
+    # across the ranks nor cut to the training loader's remainder.
+    assert [e["eval_tokens"] for e in rank0["own_loader_eval"]] == [32 * 15] * 2
+    assert rank0["own_loader_eval"] == rank1["own_loader_eval"]
+    assert [e["eval_nll"] for e in rank0["own_loader_eval"]] == pytest.approx(
+        [e["eval_nll"] for e in single["own_loader_eval"]], rel=1e-4
+    )
+
+
+@pytest.mark.slow
+def test_ranks_draw_their_own_dropout_masks_and_end_with_the_same_weights(runs):
+    rank0, rank1 = runs[2]["ranks"]
+    assert len(rank0["dropout_masks"]) == len(rank1["dropout_masks"]) == 4
+    assert all(a != b for a, b in zip(rank0["dropout_masks"], rank1["dropout_masks"], strict=True))
+    assert_equal_weights(*runs[2]["saved"]["dropout"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(runs, processes):
+    """With dropout on, so that every rank's own RNG state must come back from the checkpoint."""
+    saved = runs[processes]["saved"]
+    for uninterrupted, resumed in zip(saved["uninterrupted"], saved["resumed"], strict=True):
+        assert_equal_weights(uninterrupted, resumed)
+    if processes == 2:
+        assert_equal_weights(*saved["resumed"])
+
+
+@pytest.mark.slow
+def test_a_tagger_whose_encoder_has_a_pooler_trains_under_ddp(runs):
+    for rank in runs[2]["ranks"]:
+        assert rank["tagger_error"] is None
+        assert rank["tagger_steps"] == 2
+
+
+@pytest.mark.slow
+def test_a_folder_saved_by_every_process_is_the_main_ones_and_in_place_when_the_save_returns(runs):
+    assert [rank["saved_rank_read_back"] for rank in runs[2]["ranks"]] == ["0", "0"]
+    assert runs[1]["ranks"][0]["saved_rank_read_back"] == "0"

@@ -136,6 +136,25 @@ def test_multitask_tagger_shapes_and_loss(tokenizer):
     assert [len(s) for s in predictions["spans"][0]] == [5, 3] == [len(s) for s in predictions["pos"][1]]
 
 
+def test_every_weight_of_the_tagger_gets_a_gradient_even_from_an_encoder_with_a_pooler(tokenizer):
+    """DDP (find_unused_parameters=False) stops at the second step on a weight the loss never reaches."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    model = MultiTaskTagger(
+        BertModel(config), {"pos": len(POS_TAGS), "spans": len(SPAN_TAGS)}
+    )  # as AutoModel
+    data = tokenize_and_align(Dataset.from_dict(SENTENCES), tokenizer, max_length=32)
+    batch = next(iter(tagging_loader(data, tokenizer, ("pos", "spans"), batch_size=2, shuffle=False)))
+    model(**batch).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 def test_bad_input_names_the_problem():
     no_spans = DatasetDict({"train": Dataset.from_dict({k: v for k, v in SENTENCES.items() if k != "spans"})})
     with pytest.raises(MfkitError, match=r"no column\(s\) \['spans'\]"):
