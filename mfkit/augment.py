@@ -327,6 +327,13 @@ def select_confident(
 # --------------------------------------------------------------------------------------------------------------
 
 
+# The clean loss is multiplied by this before differentiating it for FGM's direction. Under fp16 autocast most
+# entries of dL/d(embeddings) (median ~3e-6 on MiniLM) fall below fp16's smallest normal number (6.1e-5) and lose
+# their precision; scaled by 2^12 they do not. A power of two is exact in fp32, and only the direction is used,
+# so the scale drops out of r (like the loss scale of fp16 training, which fit's scaler handles, not this grad).
+FGM_GRAD_SCALE = 2.0**12
+
+
 def fgm_perturbation(grad: torch.Tensor, epsilon: float) -> torch.Tensor:
     """r = epsilon * g / ||g||_2, the norm taken over each example's whole embedding sequence [T, d]."""
     norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -342,7 +349,8 @@ def fgm_loss(epsilon: float, adversarial_weight: float = 1.0) -> LossFn:
     """A `fit(..., loss_fn=...)` that adds the FGM adversarial loss (Miyato et al., 2017) to the clean loss.
 
     For a batch: e = the word embeddings of its tokens, L = the model's loss at e, g = dL/de (one backward through
-    the network to the embeddings, no weight gradients), r = epsilon * g / ||g|| per example, held constant;
+    the network to the embeddings, no weight gradients; taken of L * FGM_GRAD_SCALE so that fp16 keeps its small
+    entries), r = epsilon * g / ||g|| per example, held constant;
     return L + adversarial_weight * L(e + r). `fit` backpropagates the sum, so the weights get the gradients of
     both. The embedding matrix itself is never modified: the perturbation lives in this batch's activations only.
     """
@@ -359,7 +367,7 @@ def fgm_loss(epsilon: float, adversarial_weight: float = 1.0) -> LossFn:
         clean = model(inputs_embeds=embeds, **inputs).loss
         if not embeds.requires_grad:  # a frozen embedding matrix: there is nothing to differentiate
             return clean
-        (grad,) = torch.autograd.grad(clean, embeds, retain_graph=True)
+        (grad,) = torch.autograd.grad(clean * FGM_GRAD_SCALE, embeds, retain_graph=True)
         r = fgm_perturbation(grad.detach(), epsilon)
         adversarial = model(inputs_embeds=embeds + r, **inputs).loss
         return clean + adversarial_weight * adversarial

@@ -99,8 +99,20 @@ PEAK_TFLOPS = {
     "L4": 121.0,
     "A100": 312.0,
     "L40S": 362.0,
-    "H100": 989.0,
+    "H100": 989.0,  # SXM
+    "H100 PCIe": 756.0,
+    "H200": 989.0,
 }
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The data-sheet peak of a CUDA device named `device_name` (as `torch.cuda.get_device_name` gives it).
+
+    The longest name in `PEAK_TFLOPS` found in it wins, so that "NVIDIA L40S" is an L40S, not an L4, and
+    "NVIDIA H100 PCIe" is not rated as the SXM part. None for a device not in the table.
+    """
+    found = [key for key in PEAK_TFLOPS if key in device_name]
+    return PEAK_TFLOPS[max(found, key=len)] if found else None
 
 
 @dataclass
@@ -431,8 +443,7 @@ def mfu(result: dict) -> float | None:
 
     if not result["device"].startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = peak_tflops(torch.cuda.get_device_name(result["device"]))
     return result["model_tflops_per_s"] / peak if peak else None
 
 

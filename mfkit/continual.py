@@ -36,10 +36,12 @@ from .training import Batch, LossFn, default_loss
 
 
 def _trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every trainable parameter, names without a wrapper's `module.` prefix."""
+    """(name, parameter) of every trainable parameter, names without the prefixes of DDP's (`module.`) and
+    torch.compile's (`_orig_mod.`) wrappers, so that anchors taken outside `fit` match the model inside it."""
     for name, param in model.named_parameters():
         if param.requires_grad:
-            yield name.removeprefix("module."), param
+            # accelerate compiles the DDP wrapper (`_orig_mod.module.`); a model compiled by hand may be wrapped
+            yield name.removeprefix("_orig_mod.").removeprefix("module.").removeprefix("_orig_mod."), param
 
 
 def fisher_diagonal(

@@ -25,6 +25,7 @@ from torch import nn
 from .errors import MfkitError, check_choice, check_positive
 from .inference import size_on_disk_mb
 from .paths import atomic_folder, require_artifact
+from .timing import synchronize
 
 QUANTIZED_FOLDER = "14-quantized"
 QUANTIZED_NOTEBOOK = "14_quantization"
@@ -320,7 +321,8 @@ def timed_generation(
 ) -> tuple[float, str]:
     """Tokens per second of greedy generation of exactly `new_tokens` tokens after `prompt`, and the text generated.
 
-    One sequence, where the model's parameters are; `warmup` short generations run first, untimed.
+    One sequence, where the model's parameters are; `warmup` short generations run first, untimed. The clock is
+    read after the device has finished (`timing.synchronize`), not when the work was queued.
     """
     check_positive("new_tokens", new_tokens)
     device = next(model.parameters()).device
@@ -329,8 +331,10 @@ def timed_generation(
     model.eval()
     for _ in range(warmup):
         model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, **settings)
+    synchronize(device)
     start = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
+    synchronize(device)
     seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1] :]
     return len(new) / seconds, tokenizer.decode(new, skip_special_tokens=True)

@@ -203,6 +203,22 @@ def test_fgm_loss_adds_a_larger_adversarial_loss_and_restores_the_embeddings():
         assert torch.equal(model(**batch).logits, before)
 
 
+def test_fgm_direction_is_taken_of_a_scaled_loss_and_equals_the_unscaled_one_in_fp32(monkeypatch):
+    """The clean loss is scaled before differentiating (fp16 keeps dL/de's small entries); r is unchanged."""
+    model = tiny_bert().eval()
+    batch = pad_collate(0)(rows(8))
+    inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    (unscaled,) = torch.autograd.grad(model(inputs_embeds=embeds, **inputs).loss, embeds)
+    seen = []
+    plain = augment.fgm_perturbation
+    monkeypatch.setattr(augment, "fgm_perturbation", lambda g, eps: seen.append(g) or plain(g, eps))
+    augment.fgm_loss(1.0)(model, batch)
+    (grad,) = seen
+    torch.testing.assert_close(grad, unscaled * augment.FGM_GRAD_SCALE, rtol=1e-6, atol=0)
+    torch.testing.assert_close(plain(grad, 1.0), plain(unscaled, 1.0), rtol=1e-6, atol=1e-9)
+
+
 def test_fgm_loss_trains_through_fit():
     model = tiny_bert()
     loader = make_loader(rows(), 8, pad_collate(0), seed=0)

@@ -50,6 +50,24 @@ def test_matmul_parameters_count_linear_weights_not_embeddings():
     assert bench.matmul_parameters(bert) == layers * 12 * d * d + d * d + 2 * d
 
 
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA L40S", 362.0),  # not the L4 that "L40S" starts with
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA H100 PCIe", 756.0),  # not the SXM part
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("Tesla T4", 65.0),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_mfu_rates_each_gpu_by_its_own_peak(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    result = bench.mfu({"device": "cuda", "model_tflops_per_s": 36.2})
+    assert result == (pytest.approx(36.2 / peak) if peak else None)
+    assert bench.mfu({"device": "cpu", "model_tflops_per_s": 36.2}) is None
+
+
 def test_window_times_whole_epochs_after_warmup_and_syncs_at_both_marks():
     syncs, now = [], [0.0]
     window = bench.Window(

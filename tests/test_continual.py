@@ -81,6 +81,19 @@ def test_ewc_loss_plugs_into_fit_and_holds_weights_near_the_anchor():
     assert moved[100.0] < 0.2 * moved[0.0]
 
 
+def test_ewc_penalty_finds_its_anchors_inside_a_compiled_model():
+    """fit(compile=True) hands the loss a torch.compile wrapper, whose parameter names start with `_orig_mod.`."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    fisher = {name: torch.ones_like(p) for name, p in model.named_parameters()}
+    ewc = EWC.from_model(model, fisher, lam=2.0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    compiled = torch.compile(model, backend="eager")
+    assert next(n for n, _ in compiled.named_parameters()).startswith("_orig_mod.")
+    torch.testing.assert_close(ewc.penalty(compiled), ewc.penalty(model))
+
+
 def test_fisher_is_the_mean_squared_gradient_of_one_example_batches():
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
