@@ -157,27 +157,39 @@ def build_book(
     out.mkdir(parents=True, exist_ok=True)
     html = exporter(online)
     reference, source = _reference(str(summary.get("profile")))
+    headings = {}
     for stem in stems:
         nb = nbformat.read(executed[stem], as_version=4)
+        headings[stem] = heading(nb) or _title(stem)
         page = _page(nb, stem, stems, entries[stem], reference.get(stem), source, online)
-        body, _ = html.from_notebook_node(page, resources={"metadata": {"name": _title(stem)}})
+        body, _ = html.from_notebook_node(page, resources={"metadata": {"name": headings[stem]}})
         (out / page_name(stem)).write_text(body, encoding="utf-8")
     contents = nbformat.v4.new_notebook()
-    contents.cells = [_cell(_contents(summary, entries, stems, online))]
+    contents.cells = [_cell(_contents(summary, entries, headings, online))]
     body, _ = html.from_notebook_node(contents, resources={"metadata": {"name": "mfkit: the executed chain"}})
     index = out / INDEX
     index.write_text(body, encoding="utf-8")
     return index
 
 
+def heading(nb: Any) -> str | None:
+    """The title of a notebook: the first `# ` line of its first markdown cell, or None."""
+    first = next((c for c in nb.cells if c.cell_type == "markdown"), None)
+    lines = first.source.splitlines() if first is not None else []
+    return next((line[2:].strip() for line in lines if line.startswith("# ")), None)
+
+
 def _contents(
-    summary: Mapping[str, Any], entries: Mapping[str, Mapping[str, Any]], stems: list[str], online: bool
+    summary: Mapping[str, Any],
+    entries: Mapping[str, Mapping[str, Any]],
+    headings: Mapping[str, str],
+    online: bool,
 ) -> str:
-    """The contents page (markdown): what the book is, then the chain in order."""
+    """The contents page (markdown): what the book is, then the chain in order (a page for each executed one)."""
     rows = []
     for stem, entry in sorted(entries.items()):
-        name = f"[{_title(stem)}]({page_name(stem)})" if stem in stems else _title(stem)
-        seconds = f"{entry.get('seconds', 0.0):.0f}" if stem in stems else "-"
+        name = f"[{headings[stem]}]({page_name(stem)})" if stem in headings else _title(stem)
+        seconds = f"{entry.get('seconds', 0.0):.0f}" if stem in headings else "-"
         rows.append(f"| {name} | {entry.get('status', '?')} | {seconds} | {_colab_link(stem, online)} |")
     return "\n".join(
         [

@@ -95,6 +95,7 @@ def test_the_book_renders_a_run_folder(tmp_path):
     assert pages == ["00_tour.html", "01_plots.html", "index.html"]
     index = (tmp_path / "book" / "index.html").read_text()
     assert index.index("00_tour.html") < index.index("01_plots.html") and "02 later" in index
+    assert ">01_plots</a>" in index  # the notebook's own title
     assert colab_url("01_plots.ipynb") in index
     page = (tmp_path / "book" / "01_plots.html").read_text()
     assert "data:image/png;base64," + PNG[:20] in page
