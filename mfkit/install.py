@@ -8,8 +8,10 @@ right after installing the kit alone (`pip install --no-deps`), when the kit's d
     python -m mfkit.install --drift                # installed versions that differ from the tested ones
 
 The constraints pin every package CI installs. Their torch line is replaced by the torch already installed (a
-runtime's CUDA build, the one `MFKIT_TORCH` chose), so no requirement can replace it. With `MFKIT_LATEST=1` only
-that torch pin is kept: pip takes the newest releases the kit's lower bounds allow.
+runtime's CUDA build, the one `MFKIT_TORCH` chose), so no requirement can replace it, and the lines of the Jupyter
+kernel's own packages are dropped where those are installed (the kernel running this, e.g. Colab's, keeps them as
+long as they meet the kit's lower bounds). With `MFKIT_LATEST=1` only the torch pin is kept: pip takes the newest
+releases the kit's lower bounds allow.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from pathlib import Path
 CONSTRAINTS = Path(__file__).with_name("constraints.txt")
 LATEST_ENV = "MFKIT_LATEST"
 TORCH_LINE = re.compile(r"\s*torch\s*([=<>!~;\[]|$)")
+KERNEL_PACKAGES = (
+    "ipykernel",
+    "ipython",
+    "jupyter_client",
+)  # what a running kernel is made of: kept if installed
 PIN = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#]+)\s*(#.*)?$")
 
 
@@ -47,10 +54,12 @@ def installed_version(distribution: str) -> str | None:
         return None
 
 
-def constraints_keeping_torch(base: str | os.PathLike | None = None) -> str:
-    """pip constraints: the lines of `base` (if given) minus its torch pins, plus a pin to the installed torch."""
+def constraints_keeping_the_runtime(base: str | os.PathLike | None = None) -> str:
+    """pip constraints: the lines of `base` (if given) minus its torch pins and the pins of the installed kernel
+    packages, plus a pin to the installed torch."""
     lines = Path(base).read_text().splitlines() if base is not None else []
-    kept = [line for line in lines if not TORCH_LINE.match(line)]
+    kernel = {name for name in KERNEL_PACKAGES if installed_version(name) is not None}
+    kept = [line for line in lines if not TORCH_LINE.match(line) and _pinned_name(line) not in kernel]
     torch = installed_version("torch")
     if torch is not None:
         kept.append(f"torch=={torch}")
@@ -61,9 +70,15 @@ def run_pip(args: Sequence[str], constraints: str | os.PathLike | None = None) -
     """`pip install --quiet ARGS` in this interpreter under `constraints` with the installed torch pinned; its exit code."""
     with tempfile.TemporaryDirectory(prefix="mfkit-pip-") as folder:
         pinned = Path(folder) / "constraints.txt"
-        pinned.write_text(constraints_keeping_torch(constraints))
+        pinned.write_text(constraints_keeping_the_runtime(constraints))
         command = [sys.executable, "-m", "pip", "install", "--quiet", "-c", str(pinned), *args]
         return subprocess.run(command).returncode
+
+
+def _pinned_name(line: str) -> str | None:
+    """The distribution a `name==version` line pins, or None."""
+    match = PIN.match(line)
+    return match[1] if match else None
 
 
 def pins(path: str | os.PathLike = CONSTRAINTS) -> dict[str, str]:

@@ -77,8 +77,23 @@ def test_missing_repository_url_names_the_fix(monkeypatch):
 def test_constraints_replace_torch_pins_with_the_installed_torch(tmp_path):
     base = tmp_path / "c.txt"
     base.write_text("torch==2.0.0\ntorchvision==0.1\n torch >=1.0\ntorch\nnumpy==2.0\n")
-    lines = install.constraints_keeping_torch(base).splitlines()
+    lines = install.constraints_keeping_the_runtime(base).splitlines()
     assert lines == ["torchvision==0.1", "numpy==2.0", f"torch=={install.installed_version('torch')}"]
+
+
+def test_constraints_leave_the_installed_kernel_packages_alone(tmp_path, monkeypatch):
+    """A running kernel (Colab's) keeps its ipykernel and IPython; pins apply to those not installed yet."""
+    base = tmp_path / "c.txt"
+    base.write_text("ipykernel==7.4.0\nipython==9.18.1\njupyter_client==8.10.0\ntransformers==5.23.0\n")
+    have = {"ipykernel": "6.17.1", "torch": "2.9.0+cu126"}
+    monkeypatch.setattr(install, "installed_version", lambda name: have.get(name))
+    lines = install.constraints_keeping_the_runtime(base).splitlines()
+    assert lines == [
+        "ipython==9.18.1",
+        "jupyter_client==8.10.0",
+        "transformers==5.23.0",
+        "torch==2.9.0+cu126",
+    ]
 
 
 @pytest.fixture
