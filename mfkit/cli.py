@@ -52,6 +52,14 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--log-output", action="store_true", help="stream the notebooks' output while they run"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run up to N notebooks side by side, each once the notebooks it needs are done, with the cores "
+        "shared out between their kernels (default: 1, one at a time in number order)",
+    )
     parser.set_defaults(handler=_cmd_run)
 
 
@@ -249,6 +257,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         notebooks=args.notebooks,
         timeout=args.timeout,
         log_output=args.log_output,
+        jobs=args.jobs,
     )
     return report.exit_code
 
