@@ -596,7 +596,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "n_resamples": 50,
             "reg_train_limit": 8,
             "reg_eval_limit": 16,
-            "reg_max_length": 16,
+            "reg_max_length": 32,  # the shortest cut the spam splits are deduplicated at (data/build_data.py)
             "reg_batch_size": 4,
             "reg_steps": 2,
             "reg_eval_every": 1,

@@ -111,6 +111,46 @@ def test_no_text_is_shared_between_splits(shipped: dict[str, DatasetDict], name:
         check_no_leakage(shipped[name], column)
 
 
+def spam_input_lengths() -> set[int]:
+    """Every cut (in MiniLM tokens) a profile gives a classifier of the spam mails."""
+    from mfkit.profiles import PROFILE_NAMES, profile_knobs
+
+    lengths = set()
+    for profile in PROFILE_NAMES:
+        lengths.add(profile_knobs("03_full-finetuning", profile)["max_length"])
+        lengths.add(profile_knobs("12_evaluation-regularization", profile)["reg_max_length"])
+    return lengths
+
+
+def test_no_spam_test_mail_is_a_train_or_validation_input_at_any_profile_length(
+    shipped: dict[str, DatasetDict], build: ModuleType
+) -> None:
+    """Two mails can become one input when cut to the model's length; at every cut a profile uses, no train or
+    validation input equals a test input (the build drops such copies at the shortest cut)."""
+    spam = shipped["spam"]
+    lengths = spam_input_lengths()
+    assert min(lengths) >= build.SPAM_SHORTEST_INPUT, (lengths, build.SPAM_SHORTEST_INPUT)
+    longest = {s: build.prefix_keys(list(spam[s]["text"]), max(lengths)) for s in SPLITS}  # tokenized once
+    for length in sorted(lengths):
+        cut = {s: {key[: length - 2] for key in keys} for s, keys in longest.items()}  # [CLS] and [SEP] aside
+        for split in ("train", "validation"):
+            shared = cut["test"] & cut[split]
+            assert not shared, f"{len(shared)} {split} input(s) equal a test input at {length} tokens"
+
+
+def test_drop_test_prefix_copies_keeps_the_test_copy(build: ModuleType) -> None:
+    header = "Dear list member, this is the weekly digest of the project mailing list. " * 3
+    records = [
+        {"text": header + "first", "split": "test"},
+        {"text": header + "second", "split": "train"},
+        {"text": header + "third", "split": "validation"},
+        {"text": "something else entirely", "split": "train"},
+    ]
+    clean, dropped = build.drop_test_prefix_copies(records, 16)
+    assert dropped == 2 and [r["split"] for r in clean] == ["test", "train"]
+    assert build.drop_test_prefix_copies(records, 512) == (records, 0)  # whole mails differ
+
+
 def test_splits_keep_their_units_whole(shipped: dict[str, DatasetDict]) -> None:
     austen = shipped["austen"]
     chapters = {s: set(zip(austen[s]["book"][:], austen[s]["chapter"][:], strict=True)) for s in SPLITS}
