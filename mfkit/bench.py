@@ -572,8 +572,16 @@ def default_max_length(artifacts) -> int:
     return int(settings.get("max_length") or 128)
 
 
-def run_infer_worker(variant: str, artifacts, batch_size: int, max_length: int, threads: int | None) -> dict:
-    """Load one variant with plain transformers (int8: quantized after loading) and measure its prediction cost."""
+def run_infer_worker(
+    variant: str,
+    artifacts,
+    batch_size: int,
+    max_length: int,
+    threads: int | None,
+    int8_scales: str = "per-channel",
+) -> dict:
+    """Load one variant with plain transformers (int8: quantized after loading, with one weight scale per output
+    row or per tensor) and measure its prediction cost."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -589,7 +597,7 @@ def run_infer_worker(variant: str, artifacts, batch_size: int, max_length: int, 
     if INFER_VARIANTS[variant][2]:
         from .quantize import quantize_dynamic_int8
 
-        model = quantize_dynamic_int8(model)
+        model = quantize_dynamic_int8(model, per_channel=int8_scales == "per-channel")
     texts = [t or " " for t in load_data("spam")["test"]["text"][:INFER_TEXTS]]
     speed = measure_speed(
         model, tokenizer, texts, max_length, batch_size=batch_size, repeats=INFER_TIMED_CALLS, warmup=3
@@ -705,7 +713,7 @@ def infer_main(args: argparse.Namespace) -> int:
     threads = results[0]["threads"]
     settings = (
         f"{artifacts}: {args.repeats} repeat(s), {threads} thread(s), mails of {args.max_length} tokens, "
-        f"throughput at batch {args.batch_size}"
+        f"throughput at batch {args.batch_size}, int8 weights with {args.int8_scales} scales"
     )
     print(format_infer_table(rows, missing, settings))
     if args.json:
@@ -768,6 +776,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="infer: tokens per timed mail (default: the teacher's max_length from its card, else 128)",
     )
     parser.add_argument(
+        "--int8-scales",
+        choices=("per-channel", "per-tensor"),
+        default="per-channel",
+        help="infer: one int8 weight scale per output row (the variant notebook 14 keeps in its cpu run) or one "
+        "per weight tensor (default: per-channel)",
+    )
+    parser.add_argument(
         "--tolerance",
         type=float,
         default=0.05,
@@ -801,7 +816,7 @@ def main(args: argparse.Namespace) -> int:
     args.batch_size = args.batch_size or (32 if infer else 16)
     if args.worker and infer:
         result = run_infer_worker(
-            args.worker[1], args.artifacts, args.batch_size, args.max_length, args.threads
+            args.worker[1], args.artifacts, args.batch_size, args.max_length, args.threads, args.int8_scales
         )
         print("MFKIT_BENCH " + json.dumps(result))
         return 0
@@ -889,6 +904,7 @@ def spawn_worker(workload: str, runner: str, args: argparse.Namespace) -> dict:
         cmd += ["--pool-batches", str(args.pool_batches)]
     if workload == INFER:
         cmd += ["--artifacts", str(args.artifacts), "--max-length", str(args.max_length)]
+        cmd += ["--int8-scales", args.int8_scales]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
+import mfkit.quantize
 from mfkit import bench
 from mfkit.cli import main
 from mfkit.loaders import make_loader, pad_collate
@@ -352,6 +353,7 @@ def infer_args(artifacts, **kw) -> argparse.Namespace:
         json=None,
         artifacts=str(artifacts),
         max_length=None,
+        int8_scales="per-channel",
     )
     return argparse.Namespace(**{**values, **kw})
 
@@ -402,11 +404,23 @@ def test_infer_measures_every_variant_found_and_lists_the_missing(tmp_path, monk
     def in_process(workload, variant, args):  # the worker's own code, without a new interpreter
         order.append(variant)
         assert workload == "infer" and args.max_length == 16 and args.batch_size == 32
-        return bench.run_infer_worker(variant, args.artifacts, args.batch_size, args.max_length, args.threads)
+        return bench.run_infer_worker(
+            variant, args.artifacts, args.batch_size, args.max_length, args.threads, args.int8_scales
+        )
 
+    scales = []
+    quantize = mfkit.quantize.quantize_dynamic_int8
+    monkeypatch.setattr(
+        mfkit.quantize,
+        "quantize_dynamic_int8",
+        lambda model, per_channel: scales.append(per_channel) or quantize(model, per_channel),
+    )
     monkeypatch.setattr(bench, "spawn_worker", in_process)
     out = tmp_path / "infer.json"
-    assert bench.main(infer_args(tmp_path, repeats=2, json=str(out))) == 0
+    assert bench.main(infer_args(tmp_path, repeats=2, json=str(out), int8_scales="per-tensor")) == 0
+    assert (
+        scales == [False] * 4
+    )  # one scale per tensor (per row costs more than it saves at these tiny sizes)
     variants = ["teacher", "teacher-int8", "student", "student-int8"]
     assert order == variants + variants[::-1]  # interleaved, reversed every other repeat
     printed = capsys.readouterr().out
@@ -417,6 +431,10 @@ def test_infer_measures_every_variant_found_and_lists_the_missing(tmp_path, monk
     assert rows["student"]["params"] < rows["teacher"]["params"] == rows["teacher-int8"]["params"]
     assert rows["teacher-int8"]["size_mb"] < rows["teacher"]["size_mb"]  # int8 weights take less space
     assert all(r["threads"] == 1 and r["max_length"] == 16 for r in report["runs"])
+    assert "int8 weights with per-tensor scales" in printed
+    scales.clear()
+    assert bench.main(infer_args(tmp_path, repeats=1)) == 0  # by default the variant 14 keeps in its cpu run
+    assert scales == [True] * 2 and "int8 weights with per-channel scales" in capsys.readouterr().out
 
 
 def test_infer_without_a_teacher_says_which_notebook_to_run(tmp_path, capsys):
