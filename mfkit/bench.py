@@ -779,8 +779,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--int8-scales",
         choices=("per-channel", "per-tensor"),
         default="per-channel",
-        help="infer: one int8 weight scale per output row (the variant notebook 14 keeps in its cpu run) or one "
-        "per weight tensor (default: per-channel)",
+        help="infer: one int8 weight scale per output row or one per weight tensor; notebook 14 keeps one of "
+        "the two, chosen on validation, and records which as int8_variant (default: per-channel)",
     )
     parser.add_argument(
         "--tolerance",

@@ -173,7 +173,11 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved classifier folder")
     parser.add_argument("--input", required=True, help="a .csv or .jsonl file with one text per row")
-    parser.add_argument("--output", required=True, help="where to write the rows with label and probability")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="where to write the rows with their label and, for two classes, p_positive (the positive label's probability)",
+    )
     parser.add_argument("--text-column", default="text", help="the column holding the text (default: text)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
     parser.add_argument("--threshold", type=float, default=None, help="override the saved decision threshold")

@@ -433,7 +433,7 @@ def test_infer_measures_every_variant_found_and_lists_the_missing(tmp_path, monk
     assert all(r["threads"] == 1 and r["max_length"] == 16 for r in report["runs"])
     assert "int8 weights with per-tensor scales" in printed
     scales.clear()
-    assert bench.main(infer_args(tmp_path, repeats=1)) == 0  # by default the variant 14 keeps in its cpu run
+    assert bench.main(infer_args(tmp_path, repeats=1)) == 0  # by default one scale per output row
     assert scales == [True] * 2 and "int8 weights with per-channel scales" in capsys.readouterr().out
 
 
