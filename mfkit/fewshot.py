@@ -279,12 +279,14 @@ def score_shared_prefix(
         )
     device = next(model.parameters()).device
     # Only the last position's logits are needed: skip the output layer elsewhere where the model allows it.
-    last_only = (
-        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    )
+    accepted = inspect.signature(model.forward).parameters
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    # transformers 5.25 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40)
+    cache_name = "cache" if "cache" in accepted else "past_key_values"
 
     def run(ids: list[int], **kw: Any) -> torch.Tensor:
-        out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True, **kw)
+        kw[cache_name] = cache
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, **kw)
         return F.log_softmax(out.logits[0].float(), dim=-1)
 
     was_training = model.training
