@@ -28,11 +28,8 @@ from pathlib import Path
 CONSTRAINTS = Path(__file__).with_name("constraints.txt")
 LATEST_ENV = "MFKIT_LATEST"
 TORCH_LINE = re.compile(r"\s*torch\s*([=<>!~;\[]|$)")
-KERNEL_PACKAGES = (
-    "ipykernel",
-    "ipython",
-    "jupyter_client",
-)  # what a running kernel is made of: kept if installed
+# What a running Jupyter kernel is made of: where installed, kept at its version (its pins are dropped).
+KERNEL_PACKAGES = ("ipykernel", "ipython", "jupyter_client")
 PIN = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#]+)\s*(#.*)?$")
 
 
