@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import nbformat
 import pytest
 import torch
 from torch import nn
 
 from mfkit import quantize
 from mfkit.errors import MfkitError
+from mfkit.paths import notebooks_dir
+from mfkit.timing import on_device
+
+NOTEBOOKS = notebooks_dir()
 
 
 def test_int_range() -> None:
@@ -107,6 +112,25 @@ def test_dynamic_int8_close_to_float_and_smaller() -> None:
 def test_dynamic_int8_bad_input() -> None:
     with pytest.raises(MfkitError, match="no nn.Linear"):
         quantize.quantize_dynamic_int8(nn.Sequential(nn.ReLU()))
+
+
+def test_models_compared_side_by_side_are_moved_to_one_device_first() -> None:
+    """`fit` leaves a model where it trained (a GPU), a loaded one is on the CPU: notebook 15 times and quantizes
+    them side by side. Here the `meta` device stands in for the device they must leave."""
+    elsewhere, loaded = tiny_bert().to("meta"), tiny_bert()
+    with pytest.raises(MfkitError, match="CPU only"):
+        quantize.quantize_dynamic_int8(elsewhere)
+    with pytest.raises(MfkitError, match="'trained' cannot be moved to cpu"):
+        on_device({"loaded": loaded, "trained": elsewhere}, "cpu")
+    moved = on_device({"loaded": loaded, "again": loaded}, "meta")
+    assert {t.device.type for m in moved.values() for t in [*m.parameters(), *m.buffers()]} == {"meta"}
+
+
+def test_notebook_15_moves_its_variants_to_the_cpu_before_timing_and_quantizing() -> None:
+    cells = [c["source"] for c in nbformat.read(NOTEBOOKS / "15_pruning.ipynb", as_version=4).cells]
+    speed_cell = next(c for c in cells if "quantize_dynamic_int8(" in c and "variants" in c)
+    assert "on_device(" in speed_cell
+    assert speed_cell.index("on_device(") < speed_cell.index("quantize_dynamic_int8(dense)")
 
 
 def test_save_reload_identical_predictions(tmp_path) -> None:
