@@ -6,6 +6,7 @@
     choose_variant(...)                                      the variant kept, chosen on validation predictions
     selection_helper, SELECTION_HELPERS                      the functions that choose; validation data only
     bootstrap_ci(...), paired_bootstrap(...)                 percentile bootstrap intervals, one model or a difference
+    compare_methods(...)                                     the one way to say "better": interval, seeds, verdict
     error_table(...)                                         the test mails a model gets wrong, with reasons
     ledger_metrics(...)                                      other notebooks' headline metrics, or who to run first
     save_threshold(...)                                      the chosen threshold as JSON, written atomically
@@ -283,20 +284,110 @@ def paired_bootstrap(
     """metric(a) - metric(b) on the same examples, with a percentile interval from resampling the examples
     *together* (both models are scored on each resample, so what the two share cancels out). Also the share of
     resamples where a did not beat b (`share_not_better`) and the resampled differences themselves (`draws`).
-    Keys: difference, low, high, share_not_better, draws."""
-    labels, preds_a, preds_b = np.asarray(labels), np.asarray(preds_a), np.asarray(preds_b)
+    Keys: difference, low, high, share_not_better, draws.
 
-    def difference(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
-        return metric(y, a) - metric(y, b)
+    `preds_a` and `preds_b` are one run's predictions [n], or several runs' [runs, n] (one row per seed, all on
+    the same examples): the difference is then that of the mean metric over each side's runs, and every resample
+    draws the same examples for every run of both sides."""
+    labels = np.asarray(labels)
+    runs_a, runs_b = _runs(preds_a, len(labels), "preds_a"), _runs(preds_b, len(labels), "preds_b")
+    k = len(runs_a)
 
-    result = _bootstrap((labels, preds_a, preds_b), difference, n_resamples, confidence, seed)
+    def difference(y: np.ndarray, *runs: np.ndarray) -> float:
+        return float(np.mean([metric(y, r) for r in runs[:k]]) - np.mean([metric(y, r) for r in runs[k:]]))
+
+    result = _bootstrap((labels, *runs_a, *runs_b), difference, n_resamples, confidence, seed)
     ci = result.confidence_interval
     return {
-        "difference": difference(labels, preds_a, preds_b),
+        "difference": difference(labels, *runs_a, *runs_b),
         "low": float(ci.low),
         "high": float(ci.high),
         "share_not_better": float(np.mean(result.bootstrap_distribution <= 0)),
         "draws": np.asarray(result.bootstrap_distribution),
+    }
+
+
+def _runs(preds: Any, n: int, name: str) -> list[np.ndarray]:
+    """One array of n predictions per run, from [n] (one run) or [runs, n] (one row per seed)."""
+    preds = np.asarray(preds)
+    runs = [preds] if preds.ndim == 1 else list(preds) if preds.ndim == 2 else []
+    if not runs or any(len(r) != n for r in runs) or n == 0:
+        raise MfkitError(
+            f"{name} has shape {preds.shape}, for {n} labels.",
+            "pass one run's predictions [n], or one row per seed [runs, n], all on the same examples.",
+        )
+    return runs
+
+
+# The words a comparison may end with: a above b, a below b, or neither.
+VERDICTS = ("above", "below", "no clear difference")
+
+
+def compare_methods(
+    labels: Any,
+    preds_a: Any,
+    preds_b: Any,
+    metric: Metric = f1_of_positive,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Is method a above, below, or not clearly different from method b? The one rule the notebooks use.
+
+    `preds_a`, `preds_b`: test predictions of one run [n] or of several seeds [runs, n], on the same test
+    examples (`labels`). Two sources of noise are looked at:
+
+    - the test set: `paired_bootstrap`'s interval of the difference of the mean metric, resampling the same test
+      rows for every run of both methods (`low`, `high`);
+    - the seeds, where a method has more than one run: each run's metric on the whole test set, its lowest and
+      highest (`a_min`, `a_max`, `b_min`, `b_max`).
+
+    The verdict is "above" (or "below") only when the interval excludes 0 *and* the two seed ranges do not
+    overlap (a single run's range is its one value); anything else is "no clear difference". Keys: a, b
+    (the mean metric of each), difference, low, high, confidence, runs_a, runs_b, a_min, a_max, b_min, b_max,
+    ranges_overlap, seeds_measured (False when both methods ran once: then only the test set's noise is
+    counted), verdict, summary (a short sentence with the numbers)."""
+    labels = np.asarray(labels)
+    runs_a, runs_b = _runs(preds_a, len(labels), "preds_a"), _runs(preds_b, len(labels), "preds_b")
+    paired = paired_bootstrap(
+        labels, np.stack(runs_a), np.stack(runs_b), metric, n_resamples, confidence, seed
+    )
+    scores_a = [float(metric(labels, r)) for r in runs_a]
+    scores_b = [float(metric(labels, r)) for r in runs_b]
+    overlap = min(scores_a) <= max(scores_b) and min(scores_b) <= max(scores_a)
+    if paired["low"] > 0 and not overlap:
+        verdict = "above"
+    elif paired["high"] < 0 and not overlap:
+        verdict = "below"
+    else:
+        verdict = "no clear difference"
+    seeds_measured = len(runs_a) > 1 or len(runs_b) > 1
+    summary = (
+        f"{paired['difference']:+.3f} ({confidence:.0%} interval {paired['low']:+.3f} to {paired['high']:+.3f}"
+        + (
+            f"; seeds {min(scores_a):.3f}-{max(scores_a):.3f} against {min(scores_b):.3f}-{max(scores_b):.3f}"
+            if seeds_measured
+            else "; one run each, seed noise not measured"
+        )
+        + f"): {verdict}"
+    )
+    return {
+        "a": float(np.mean(scores_a)),
+        "b": float(np.mean(scores_b)),
+        "difference": paired["difference"],
+        "low": paired["low"],
+        "high": paired["high"],
+        "confidence": confidence,
+        "runs_a": len(runs_a),
+        "runs_b": len(runs_b),
+        "a_min": min(scores_a),
+        "a_max": max(scores_a),
+        "b_min": min(scores_b),
+        "b_max": max(scores_b),
+        "ranges_overlap": overlap,
+        "seeds_measured": seeds_measured,
+        "verdict": verdict,
+        "summary": summary,
     }
 
 

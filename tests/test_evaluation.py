@@ -217,3 +217,68 @@ def test_choose_variant_keeps_the_best_on_validation_and_breaks_ties_by_order():
         ev.choose_variant(labels, {})
     with pytest.raises(MfkitError, match="predictions"):
         ev.choose_variant(labels, {"short": np.array([1, 0])})
+
+
+def _hand_made(n_right: int, n: int = 200, positives: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Labels with `positives` spam among `n` mails, and predictions wrong on the last n - n_right mails
+    (half from the first spam mails, half from the last ham mails, so both error kinds occur)."""
+    labels = np.zeros(n, dtype=np.int64)
+    labels[:positives] = 1
+    preds = labels.copy()
+    k = n - n_right
+    wrong = np.r_[np.arange((k + 1) // 2), n - 1 - np.arange(k // 2)]  # spam first, ham last
+    preds[wrong] = 1 - preds[wrong]
+    return labels, preds
+
+
+def test_compare_methods_calls_a_clear_gap_above_and_below():
+    labels, good = _hand_made(196)  # 4 mistakes
+    _, poor = _hand_made(150)  # 50 mistakes
+    out = ev.compare_methods(labels, good, poor, n_resamples=400)
+    assert out["verdict"] == "above" and out["low"] > 0
+    assert out["difference"] == pytest.approx(
+        ev.f1_of_positive(labels, good) - ev.f1_of_positive(labels, poor)
+    )
+    assert out["runs_a"] == out["runs_b"] == 1 and not out["seeds_measured"]
+    assert "seed noise not measured" in out["summary"] and out["summary"].endswith(": above")
+    back = ev.compare_methods(labels, poor, good, n_resamples=400)
+    assert back["verdict"] == "below" and back["high"] < 0
+    assert back["difference"] == pytest.approx(-out["difference"])
+
+
+def test_compare_methods_sees_no_clear_difference_in_a_small_gap():
+    labels, a = _hand_made(180)
+    b = a.copy()
+    # b fixes 3 of a's mistakes and makes 5 new ones: 2 more out of 200, within the test set's noise
+    flip = [0, 1, 2, 30, 31, 100, 101, 102]
+    b[flip] = 1 - b[flip]
+    out = ev.compare_methods(labels, a, b, n_resamples=400)
+    assert out["difference"] > 0 and out["low"] < 0 < out["high"]
+    assert out["verdict"] == "no clear difference"
+    same = ev.compare_methods(labels, a, a, n_resamples=100)
+    assert same["difference"] == 0 and same["verdict"] == "no clear difference"
+    assert set(ev.VERDICTS) >= {out["verdict"], same["verdict"]}
+
+
+def test_compare_methods_with_seeds_needs_the_seed_ranges_apart():
+    labels, good = _hand_made(194)
+    _, mid = _hand_made(186)
+    _, poor = _hand_made(150)
+    # Seeds of a: 194 and 186 right; seeds of b: 150 and 186 right. The mean gap is large and the test-set
+    # interval excludes 0, but b's best seed equals a's worst: the ranges overlap, so no verdict.
+    out = ev.compare_methods(labels, np.stack([good, mid]), np.stack([poor, mid]), n_resamples=400)
+    assert out["runs_a"] == out["runs_b"] == 2 and out["seeds_measured"] and out["ranges_overlap"]
+    assert out["low"] > 0 and out["verdict"] == "no clear difference"
+    assert out["a_min"] == pytest.approx(ev.f1_of_positive(labels, mid)) == pytest.approx(out["b_max"])
+    mean_a = (ev.f1_of_positive(labels, good) + ev.f1_of_positive(labels, mid)) / 2
+    assert out["a"] == pytest.approx(mean_a)
+    assert out["difference"] == pytest.approx(out["a"] - out["b"])
+    # Seed ranges apart (a: 194, 186; b: 150, 150) and the interval above 0: "above", with the ranges quoted.
+    apart = ev.compare_methods(labels, np.stack([good, mid]), np.stack([poor, poor]), n_resamples=400)
+    assert not apart["ranges_overlap"] and apart["verdict"] == "above"
+    assert f"seeds {apart['a_min']:.3f}-{apart['a_max']:.3f}" in apart["summary"]
+    # A method with one run against one with seeds: its single value is its range.
+    single = ev.compare_methods(labels, mid, np.stack([poor, mid]), n_resamples=200)
+    assert single["runs_a"] == 1 and single["seeds_measured"] and single["verdict"] == "no clear difference"
+    with pytest.raises(MfkitError, match="one row per seed"):
+        ev.compare_methods(labels, good[:-1], poor)
