@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -19,10 +20,12 @@ WEIGHTS = Path("artifacts/models/03-classifier/model.safetensors")
 
 
 def run_notebook(number: str, output: Path, params: list[str], **popen) -> subprocess.Popen:
-    """`mfkit run --profile smoke --only NUMBER` in the background."""
+    """`mfkit run --profile smoke --only NUMBER` in the background, its kernel on one thread (two such runs share
+    the two cores, and a run repeats its numbers only at the same thread count)."""
     command = [sys.executable, "-m", "mfkit.cli", "run", "--profile", "smoke", "--only", number]
     command += ["--output", str(output), *params]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, **popen)
 
 
 def run_03(output: Path, **popen) -> subprocess.Popen:
@@ -44,11 +47,11 @@ def kill_when(victim: subprocess.Popen, ready, what: str) -> None:
 @pytest.mark.slow
 def test_killed_notebook_resumes_to_identical_weights(tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_03(straight).wait(timeout=600) == 0
-
+    uninterrupted = run_03(straight)  # beside the run that gets killed
     victim = run_03(resumed, start_new_session=True)
     kill_when(victim, lambda: list(resumed.glob(CHECKPOINTS)), "writing its first checkpoint")  # mid-training
     assert not (resumed / WEIGHTS).exists(), "the run finished before it could be killed"
+    assert uninterrupted.wait(timeout=600) == 0
 
     assert run_03(resumed).wait(timeout=600) == 0
     assert (resumed / WEIGHTS).read_bytes() == (straight / WEIGHTS).read_bytes()
@@ -76,8 +79,9 @@ def finished_trials(db: Path) -> dict[str, int]:
 
 @pytest.mark.notebooks
 @pytest.mark.slow
-def test_killed_search_continues_its_studies(tmp_path: Path) -> None:
-    assert run_03(tmp_path).wait(timeout=600) == 0  # 11 reads 03's settings
+def test_killed_search_continues_its_studies(tmp_path: Path, smoke_chain: dict) -> None:
+    classifier = "artifacts/models/03-classifier"  # 11 reads 03's settings from its classifier card
+    shutil.copytree(smoke_chain["output"] / classifier, tmp_path / classifier)
     db = tmp_path / STUDIES
     victim = run_notebook("11", tmp_path, SEARCH_PARAMS, start_new_session=True)
     kill_when(victim, lambda: sum(finished_trials(db).values()) >= 2, "two trials were stored")
