@@ -222,6 +222,16 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _add_gpu_check(subparsers: argparse._SubParsersAction) -> None:
+    """Wire `mfkit gpu-check OUTDIR` (the same as `python -m mfkit.gpucheck OUTDIR`)."""
+    from . import gpucheck
+
+    parser = subparsers.add_parser(
+        "gpu-check", help="a first GPU run: fit, LoRA, QLoRA, generation, one table"
+    )
+    gpucheck.build_parser(parser).set_defaults(handler=gpucheck.main)
+
+
 def _cmd_notebooks(args: argparse.Namespace) -> int:
     """`mfkit notebooks DIR`: copy the notebooks, print what was written."""
     from .notebook_cells import copy_notebooks
@@ -243,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_doctor(subparsers)
     _add_predict(subparsers)
     _add_serve(subparsers)
+    _add_gpu_check(subparsers)
     return parser
 
 
