@@ -576,8 +576,14 @@ def memory_shapes() -> list[MemoryShape]:
     lora_b, lora_s = gpu_shape("smollm2")
     gen = PROFILES[GENERATION_NOTEBOOK]["gpu"]
     score = PROFILES["07_prompting-few-shot"]["gpu"]
+    cont = PROFILES["10_continual-online-learning"]["gpu"]
+    share = max(
+        cont["replay_shares"]
+    )  # replay adds old blocks on top of the new ones (continual.replay_counts)
+    replay_b = cont["batch_size"] + round(cont["batch_size"] * share / (1 - share))
     return [
-        MemoryShape("tiny-gpt", "02, 09 (LM), 10", "train", gpt["batch_size"], gpt["block_size"]),
+        MemoryShape("tiny-gpt", "02, 09 (LM)", "train", gpt["batch_size"], gpt["block_size"]),
+        MemoryShape("tiny-gpt", "10 (replay 0.5)", "train", replay_b, gpt["block_size"]),
         MemoryShape("minilm-cls", "03, 04, 05, 08, 11, 13, 15", "train", cls_b, cls_s),
         MemoryShape("minilm-tagger", "09", "train", tag["batch_size"], tag["max_length"]),
         MemoryShape("minilm-cls", "12", "train", reg["reg_batch_size"], reg["reg_max_length"]),
@@ -708,13 +714,13 @@ def fp16_estimate_mb(shape: MemoryShape, params: int, trained: int) -> float:
     return (states + layers * b * s * per_token + logits) / 2**20
 
 
-def memory_table(outdir: str | Path, names: Sequence[str] | None = None, timeout: float = 900) -> list[dict]:
-    """Measure every distinct shape in a fresh subprocess (fp32, CPU), print the table and write it to
-    OUTDIR/memory.json."""
+def memory_table(outdir: str | Path, only: str | None = None, timeout: float = 1800) -> list[dict]:
+    """Measure every distinct shape (those whose name or notebooks contain `only`) in a fresh subprocess (fp32,
+    CPU), print the table and write it to OUTDIR/memory.json."""
     rows = []
     env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
     for index, shape in enumerate(memory_shapes()):
-        if names and shape.name not in names:
+        if only and only not in f"{shape.name} {shape.notebooks}":
             continue
         cmd = [sys.executable, "-m", "mfkit.gpucheck", "--measure", str(index)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -779,7 +785,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
             print("give OUTDIR, the folder the table is written to", file=sys.stderr)
             return 2
         if args.memory:
-            memory_table(args.outdir)
+            memory_table(args.outdir, args.only)
             return 0
         rows = gpu_check(args.outdir, max(args.steps, 2), args.small, args.cpu, args.only)
     return 1 if any(r.status.startswith("failed") for r in rows) else 0

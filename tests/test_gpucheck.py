@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -93,3 +94,51 @@ def test_every_memory_shape_has_an_fp16_estimate(shape):
 def test_the_memory_table_covers_every_notebook_that_trains_or_generates():
     covered = {nb.strip().split()[0] for s in gpucheck.memory_shapes() for nb in s.notebooks.split(",")}
     assert covered == {"02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12", "13", "15", "16"}
+
+
+GPU_DRY_RUN_AMOUNTS = [
+    "MAX_STEPS=2",
+    "EVAL_EVERY=1",
+    "TRAIN_LIMIT=64",
+    "EVAL_LIMIT=32",
+    "VAL_LIMIT=32",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+@pytest.mark.skipif(
+    os.environ.get("MFKIT_GPU_DRY_RUN") != "1",
+    reason="03 at the gpu profile's shapes on the CPU takes about 5 minutes on 2 busy cores; MFKIT_GPU_DRY_RUN=1 runs it",
+)
+def test_03_runs_its_gpu_profile_on_the_cpu_with_only_the_amounts_cut(tmp_path):
+    """The gpu profile's batch (32) and length (256) with the steps, mails and evaluations cut to a minimum."""
+    from mfkit.cli import main
+
+    code = main(
+        [
+            "run",
+            "--profile",
+            "gpu",
+            "--only",
+            "03",
+            "--output",
+            str(tmp_path),
+            "--param",
+            *GPU_DRY_RUN_AMOUNTS,
+        ]
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    result = summary["notebooks"]["03_full-finetuning"]
+    assert code == 0, result["error"]
+    knobs = result["run"]["knobs"]
+    assert result["run"]["profile"] == "gpu"
+    assert (knobs["batch_size"], knobs["max_length"]) == gpucheck.gpu_shape("minilm")
+    assert set(result["run"]["overrides"]) == {
+        "max_steps",
+        "eval_every",
+        "train_limit",
+        "eval_limit",
+        "val_limit",
+    }
+    assert result["metrics"]["steps"] == 2
