@@ -314,8 +314,9 @@ def test_fresh_colab_runtime_runs_03_05_06_in_one_folder(wheel, colab_runtime, t
 @pytest.mark.notebooks
 def test_pip_installed_kit_runs_the_chain_outside_a_clone(wheel, colab_runtime, tmp_path):
     """The kit installed from the wheel (by the Colab simulation above, or here the same two steps when this test
-    runs alone), then `mfkit notebooks nb`, `cd nb && mfkit run --profile smoke --to 03`: it passes and writes
-    nothing into site-packages."""
+    runs alone), then `mfkit notebooks nb`, `cd nb && mfkit run --profile smoke --to 01`: it passes and writes
+    nothing into site-packages. (00 and 01 read the shipped data and the embedded model from the package; the
+    Colab simulation has already trained in this runtime.)"""
     python = colab_runtime
     env = _clean_env(MFKIT_CACHE=str(tmp_path / "cache"))
     site = _site_packages(python)
@@ -327,9 +328,12 @@ def test_pip_installed_kit_runs_the_chain_outside_a_clone(wheel, colab_runtime, 
     mfkit = [str(python), "-m", "mfkit.cli"]
     _run([*mfkit, "notebooks", "nb"], cwd=tmp_path, env=env)
     out = _run(
-        [*mfkit, "run", "--profile", "smoke", "--to", "03"], cwd=tmp_path / "nb", env=env, timeout=1800
+        [*mfkit, "run", "--profile", "smoke", "--to", "01", "--jobs", "2"],
+        cwd=tmp_path / "nb",
+        env=env,
+        timeout=1800,
     )
-    assert "4 ok" in out, out
+    assert "2 ok" in out, out
     assert (tmp_path / "nb" / "runs" / "smoke" / "summary.json").is_file()
     assert _listing(site) == before, sorted(_listing(site) ^ before)[:20]
     doctor = _run([*mfkit, "doctor"], cwd=tmp_path, env=env)
