@@ -735,9 +735,9 @@ def memory_table(outdir: str | Path, only: str | None = None, timeout: float = 1
             flush=True,
         )
         rows.append(row)
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(rows, indent=2) + "\n")
+        out = Path(outdir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "memory.json").write_text(json.dumps(rows, indent=2) + "\n")  # after every shape
     return rows
 
 
