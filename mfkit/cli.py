@@ -92,11 +92,12 @@ def _add_results(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_book(subparsers: argparse._SubParsersAction) -> None:
-    """Wire `mfkit book [RUN] --output DIR`."""
-    from . import book
-
+    """Wire `mfkit book [RUN] --output DIR` (mfkit.book, which needs nbconvert, is imported only when it runs)."""
     parser = subparsers.add_parser(
-        "book", help="render a run's executed notebooks as a static HTML book", description=book.__doc__
+        "book",
+        help="render a run's executed notebooks as a static HTML book",
+        description="Render a run's executed notebooks (RUN/notebooks) with nbconvert into a static HTML book: a "
+        "contents page in chain order, each page linking its neighbours, Colab and its recorded numbers.",
     )
     parser.add_argument(
         "run", nargs="?", metavar="RUN", help="a run folder or profile name; default: the latest"
@@ -107,9 +108,15 @@ def _add_book(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="typeset math with MathJax and show Colab badges (from the network)",
     )
-    parser.set_defaults(
-        handler=lambda args: print(f"wrote {book.build_book(args.run, args.output, args.online)}") or 0
-    )
+    parser.set_defaults(handler=_cmd_book)
+
+
+def _cmd_book(args: argparse.Namespace) -> int:
+    """`mfkit book`: build the book, print where it went."""
+    from . import book
+
+    print(f"wrote {book.build_book(args.run, args.output, args.online)}")
+    return 0
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
