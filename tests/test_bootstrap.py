@@ -155,6 +155,21 @@ def test_the_installer_uses_the_tested_versions_unless_the_newest_are_asked_for(
     assert install.main(["broken"]) == 1  # pip's exit code
 
 
+def test_the_installer_is_pip_unless_uv_is_asked_for(pip_calls, monkeypatch):
+    """`.ci/setup` sets MFKIT_INSTALLER=uv (same constraints, faster); anything else but pip is refused."""
+    monkeypatch.delenv(install.INSTALLER_ENV, raising=False)
+    assert install.main(["some-package"]) == 0
+    assert pip_calls[-1][0][:4] == [sys.executable, "-m", "pip", "install"]
+    monkeypatch.setenv(install.INSTALLER_ENV, "uv")
+    assert install.main(["some-package"]) == 0
+    command, constraints = pip_calls[-1]
+    assert command[:7] == [sys.executable, "-m", "uv", "pip", "install", "--python", sys.executable]
+    assert command[-1] == "some-package" and "transformers==" in constraints
+    monkeypatch.setenv(install.INSTALLER_ENV, "conda")
+    with pytest.raises(SystemExit, match="MFKIT_INSTALLER"):
+        install.main(["some-package"])
+
+
 def test_ensure_uses_the_tested_versions_by_default(monkeypatch):
     seen = []
     monkeypatch.setattr(bootstrap, "missing", lambda packages=bootstrap.EMBEDDED: list(packages)[:1])
