@@ -280,17 +280,25 @@ class TwoRanks:
 
 
 def test_evaluation_inside_fit_gathers_every_process_rows():
-    """fit runs eval_fn inside `gathering_with(accelerator)`: predictions and scores cover every process's shard."""
+    """fit runs eval_fn inside `gathering_with(accelerator)`: predictions and scores of a loader accelerate prepared
+    (each process reads its shard) cover every process's shard; a plain loader, read whole by every process, is
+    left as it is."""
+    from accelerate.data_loader import DataLoaderShard
+
     from mfkit.loaders import make_loader, pad_collate
     from mfkit.metrics import gathering_with
 
     rows = Dataset.from_dict({"input_ids": [[9, p] for p in (1, 0, 0)], "labels": [1, 0, 1]})
-    loader = make_loader(rows, batch_size=2, collate_fn=pad_collate(0), shuffle=False)
+    loader = DataLoaderShard(
+        rows, batch_size=2, collate_fn=pad_collate(0)
+    )  # as `accelerator.prepare` returns
+    plain = make_loader(rows, batch_size=2, collate_fn=pad_collate(0), shuffle=False)
     ranks = TwoRanks()
     with gathering_with(ranks):
         gathered = predict(FixedLogits(), loader)
         metrics = evaluate_classifier(FixedLogits(), loader)
-    assert ranks.calls == 2 * 2 * 2  # logits and labels, 2 batches, in both calls
+        assert ranks.calls == 2 * 2 * 2  # logits and labels, 2 batches, in both calls
+        assert predict(FixedLogits(), plain).labels.tolist() == [1, 0, 1] and ranks.calls == 8
     assert gathered.labels.tolist() == [1, 0, 1, 0, 1, 1]
     assert metrics == pytest.approx(evaluate_classifier(FixedLogits(), loader))  # duplicated rows: same means
     assert len(predict(FixedLogits(), loader).labels) == 3  # outside the block: this process's rows only
