@@ -626,6 +626,7 @@ def _run_side_by_side(
     running: dict[Future[Outcome], Notebook] = {}
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mfkit-run") as pool:
         while waiting or running:
+            before = len(waiting)
             for nb in [nb for nb in waiting if needs[nb.stem] <= outcomes.keys()]:
                 reason = _skip_reason(nb, graph, outcomes)
                 if reason:
@@ -636,6 +637,11 @@ def _run_side_by_side(
                     args = (nb, out_dir, artifacts, params_for(nb, injected), timeout, log_output)
                     running[pool.submit(run_notebook, *args)] = nb
             if not running:
+                if len(waiting) == before:  # nothing can start, nothing will finish: they need each other
+                    raise MfkitError(
+                        f"{', '.join(nb.stem for nb in waiting)} require each other (metadata requires).",
+                        "fix the notebooks' `requires` so that no notebook needs itself, or run with --jobs 1.",
+                    )
                 continue  # a skip above may have made others ready (to be skipped too)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=lambda f: running[f].number):

@@ -282,6 +282,18 @@ def test_side_by_side_waits_for_prerequisites_and_overlaps_the_rest(
     assert two.summary["machine"]["kind"]
 
 
+def test_side_by_side_refuses_notebooks_that_require_each_other(
+    fake_papermill: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    make_notebook(folder, "01_a", RECORD.format(stem="01_a"), ("02_b",))
+    make_notebook(folder, "02_b", RECORD.format(stem="02_b"), ("01_a",))
+    with pytest.raises(MfkitError, match="require each other"):
+        runner.run_chain(notebooks=folder, output=tmp_path / "out", jobs=2)
+    assert fake_papermill == []
+
+
 def test_jobs_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(MfkitError, match="--jobs"):
         runner.run_chain(notebooks=make_chain(tmp_path / "nb"), output=tmp_path / "out", jobs=0)
