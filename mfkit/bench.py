@@ -7,7 +7,7 @@ Workloads (`--workload`):
                512 tokens (median 322), and random batches of 16 are 37% padding (length-grouped: 7%)
 
   infer        prediction cost of the saved classifiers in an artifacts folder (`--artifacts`): notebook 03's
-               teacher, notebook 13's distilled student, the pruned model of notebook 15 when built, and the
+               teacher, notebook 16's distilled student, the pruned model of notebook 18 when built, and the
                dynamic-int8 version of each (built on the fly); see "The infer workload" below
 
 Runners (`--runners`; default fit,trainer,bare, and on minilm-512 all five):
@@ -67,10 +67,10 @@ INFER = "infer"
 INFER_VARIANTS = {
     "teacher": ("03-classifier", "03", False),
     "teacher-int8": ("03-classifier", "03", True),
-    "student": ("13-student", "13", False),
-    "student-int8": ("13-student", "13", True),
-    "pruned": ("15-pruned", "15", False),
-    "pruned-int8": ("15-pruned", "15", True),
+    "student": ("16-student", "16", False),
+    "student-int8": ("16-student", "16", True),
+    "pruned": ("18-pruned", "18", False),
+    "pruned-int8": ("18-pruned", "18", True),
 }
 INFER_TIMED_CALLS = 10  # forward passes at batch 1 per worker (a third of them at the large batch)
 INFER_TEXTS = 64  # test mails cycled to fill the batches
@@ -779,7 +779,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--int8-scales",
         choices=("per-channel", "per-tensor"),
         default="per-channel",
-        help="infer: one int8 weight scale per output row or one per weight tensor; notebook 14 keeps one of "
+        help="infer: one int8 weight scale per output row or one per weight tensor; notebook 17 keeps one of "
         "the two, chosen on validation, and records which as int8_variant (default: per-channel)",
     )
     parser.add_argument(

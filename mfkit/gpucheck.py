@@ -9,7 +9,7 @@ random weights, then trained with the kit's own `training.fit` at the `gpu` prof
   the head's dtype;
 - LoRA (peft) on the SmolLM2-shaped model, interrupted half way and resumed from its checkpoint;
 - QLoRA's 4-bit path the same way, where bitsandbytes imports and CUDA is present;
-- a batch of generation at notebook 16's largest batch.
+- a batch of generation at notebook 19's largest batch.
 
 Each check runs on its own (one failure does not stop the others) and one table is printed and written to
 OUTDIR/gpu_check.csv and .json: check, status (ok / failed: why / skipped: why), seconds, peak memory in MB.
@@ -46,9 +46,9 @@ from torch import nn
 
 from .profiles import PROFILES
 
-MINILM_NOTEBOOK = "03_full-finetuning"  # 04, 05, 08, 11, 13, 15 train MiniLM on 03's batch and length
+MINILM_NOTEBOOK = "03_full-finetuning"  # 04, 05, 09, 14, 16, 18 train MiniLM on 03's batch and length
 SMOLLM2_NOTEBOOK = "06_instruction-tuning"
-GENERATION_NOTEBOOK = "16_decoding-inference"
+GENERATION_NOTEBOOK = "19_decoding-inference"
 LORA_RANK = 8
 
 
@@ -443,7 +443,7 @@ def _load_4bit(model: nn.Module, folder: Path) -> nn.Module:
 
 
 def generation_check(settings: Settings) -> str:
-    """Greedy generation from the SmolLM2-shaped model at notebook 16's largest batch (fp32, as 16 loads it)."""
+    """Greedy generation from the SmolLM2-shaped model at notebook 19's largest batch (fp32, as 19 loads it)."""
     knobs = PROFILES[GENERATION_NOTEBOOK]["gpu"]
     batch, prompt, new = max(knobs["batch_sizes"]), knobs["prompt_tokens"], knobs["max_new_tokens"]
     if settings.small:
@@ -518,7 +518,7 @@ def all_checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
             checks += fit_checks(family, precision, settings)
     checks.append(("smollm2 LoRA r8 fit + resume", lambda: adapter_check(False, settings)))
     checks.append(("smollm2 QLoRA 4-bit fit + resume", lambda: adapter_check(True, settings)))
-    checks.append(("smollm2 generation (16's batch)", lambda: generation_check(settings)))
+    checks.append(("smollm2 generation (19's batch)", lambda: generation_check(settings)))
     return checks
 
 
@@ -571,27 +571,27 @@ def memory_shapes() -> list[MemoryShape]:
     """The distinct `gpu`-profile shapes, read from profiles.py, with the notebooks that use each."""
     gpt = PROFILES["02_pretraining-tiny-lm"]["gpu"]
     cls_b, cls_s = gpu_shape("minilm")
-    tag = PROFILES["09_transfer-token-classification"]["gpu"]
-    reg = PROFILES["12_evaluation-regularization"]["gpu"]
+    tag = PROFILES["11_transfer-token-classification"]["gpu"]
+    reg = PROFILES["15_evaluation-regularization"]["gpu"]
     lora_b, lora_s = gpu_shape("smollm2")
     gen = PROFILES[GENERATION_NOTEBOOK]["gpu"]
-    score = PROFILES["07_prompting-few-shot"]["gpu"]
-    cont = PROFILES["10_continual-online-learning"]["gpu"]
+    score = PROFILES["08_prompting-few-shot"]["gpu"]
+    cont = PROFILES["12_continual-online-learning"]["gpu"]
     share = max(
         cont["replay_shares"]
     )  # replay adds old blocks on top of the new ones (continual.replay_counts)
     replay_b = cont["batch_size"] + round(cont["batch_size"] * share / (1 - share))
     return [
-        MemoryShape("tiny-gpt", "02, 09 (LM)", "train", gpt["batch_size"], gpt["block_size"]),
-        MemoryShape("tiny-gpt", "10 (replay 0.5)", "train", replay_b, gpt["block_size"]),
-        MemoryShape("minilm-cls", "03, 04, 05, 08, 11, 13, 15", "train", cls_b, cls_s),
-        MemoryShape("minilm-tagger", "09", "train", tag["batch_size"], tag["max_length"]),
-        MemoryShape("minilm-cls", "12", "train", reg["reg_batch_size"], reg["reg_max_length"]),
+        MemoryShape("tiny-gpt", "02, 11 (LM)", "train", gpt["batch_size"], gpt["block_size"]),
+        MemoryShape("tiny-gpt", "12 (replay 0.5)", "train", replay_b, gpt["block_size"]),
+        MemoryShape("minilm-cls", "03, 04, 05, 09, 14, 16, 18", "train", cls_b, cls_s),
+        MemoryShape("minilm-tagger", "11", "train", tag["batch_size"], tag["max_length"]),
+        MemoryShape("minilm-cls", "15", "train", reg["reg_batch_size"], reg["reg_max_length"]),
         MemoryShape("smollm2-lora", "06", "lora", lora_b, lora_s),
-        MemoryShape("smollm2-score", "07", "score", 1, score["max_context_tokens"]),
+        MemoryShape("smollm2-score", "08", "score", 1, score["max_context_tokens"]),
         MemoryShape(
             "smollm2-generate",
-            "16",
+            "19",
             "generate",
             max(gen["batch_sizes"]),
             gen["prompt_tokens"],

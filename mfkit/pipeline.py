@@ -47,10 +47,10 @@ STEPS: tuple[Step, ...] = (
     Step("full fine-tuning", "03_full-finetuning", "test_f1", "train_seconds", "03-classifier"),
     Step("multi-step (ULMFiT)", "04_multistep-finetuning", "ulmfit_f1", "ulmfit_seconds"),
     Step("LoRA (best rank)", "05_peft-lora", "best_lora_f1"),
-    Step("distilled (3 layers)", "13_distillation", "student_f1", "student_train_seconds", "13-student"),
-    Step("dynamic int8", "14_quantization", "int8_f1", None, "14-quantized", servable=False),
-    Step("pruned FFN (structured)", "15_pruning", "ffn_f1", "structured_seconds", "15-pruned"),
-    Step("pruned FFN + int8", "15_pruning", "ffn_int8_f1"),
+    Step("distilled (3 layers)", "16_distillation", "student_f1", "student_train_seconds", "16-student"),
+    Step("dynamic int8", "17_quantization", "int8_f1", None, "17-quantized", servable=False),
+    Step("pruned FFN (structured)", "18_pruning", "ffn_f1", "structured_seconds", "18-pruned"),
+    Step("pruned FFN + int8", "18_pruning", "ffn_int8_f1"),
 )
 
 
@@ -132,7 +132,7 @@ def choose(
 
 
 def load_variant(folder: str | Path) -> tuple[Any, Any]:
-    """A saved model and its tokenizer: a transformers folder, or notebook 14's TorchScript int8 folder."""
+    """A saved model and its tokenizer: a transformers folder, or notebook 17's TorchScript int8 folder."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .quantize import SCRIPT_NAME, load_quantized
@@ -156,9 +156,9 @@ def serving_rule(
 ) -> tuple[dict[str, float], str]:
     """(threshold and temperature, where they came from) for serving the classifier saved in `source`.
 
-    Notebook 12's rule (`rule_file`) is reused only when it was tuned for this very model folder: a threshold is a
+    Notebook 15's rule (`rule_file`) is reused only when it was tuned for this very model folder: a threshold is a
     property of one model's probabilities. Otherwise, the temperature and the F1-maximising threshold are fitted
-    here the way 12 fits them, on the validation mails only (the test split chooses nothing).
+    here the way 15 fits them, on the validation mails only (the test split chooses nothing).
     """
     from .evaluation import choose_threshold, fit_temperature, scale_logits
     from .predict import Predictor
@@ -167,14 +167,14 @@ def serving_rule(
     saved = json.loads(rule_file.read_text()) if rule_file.is_file() else {}
     if saved and Path(saved.get("model_folder", "")).name == source.name:
         rule = {"threshold": float(saved["threshold"]), "temperature": float(saved.get("temperature", 1.0))}
-        return rule, f"notebook 12 (tuned for {source.name} on validation)"
+        return rule, f"notebook 15 (tuned for {source.name} on validation)"
     model, tokenizer = load_variant(source)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     probs = Predictor(model, tokenizer, labels, max_length=max_length).probabilities(validation_texts)
     log_probs = np.log(np.clip(probs, 1e-12, 1.0))  # logits up to a per-row constant: same softmax at every T
     temperature = fit_temperature(log_probs, validation_labels)
     threshold, _ = choose_threshold(validation_labels, scale_logits(log_probs, temperature)[:, 1])
-    why = f"12 tuned {Path(saved['model_folder']).name}" if saved else "notebook 12 has not run"
+    why = f"15 tuned {Path(saved['model_folder']).name}" if saved else "notebook 15 has not run"
     return {"threshold": threshold, "temperature": temperature}, (
         f"fitted here for {source.name} on {len(validation_labels)} validation mails ({why})"
     )

@@ -1,8 +1,8 @@
 """Batch prediction with a saved classifier: `mfkit predict MODEL_DIR --input FILE --output FILE`.
 
-A model folder is anything `AutoModelForSequenceClassification.from_pretrained` reads (03's classifier, 13's
-student, the folder notebook 17 exports). When it holds `mfkit-serving.json` (written by the export), its
-decision threshold, temperature and maximum length are used: the threshold notebook 12 chose on validation data.
+A model folder is anything `AutoModelForSequenceClassification.from_pretrained` reads (03's classifier, 16's
+student, the folder notebook 20 exports). When it holds `mfkit-serving.json` (written by the export), its
+decision threshold, temperature and maximum length are used: the threshold notebook 15 chose on validation data.
 Without it, the positive class wins when its probability is at least 0.5 and mails are cut at the length the
 model's card names (or 512 tokens).
 """
@@ -49,7 +49,7 @@ class Predictor:
         if not (folder / "config.json").is_file():
             raise MfkitError(
                 f"{folder} is not a saved classifier (no config.json).",
-                "pass a folder written by save_pretrained, e.g. ARTIFACTS_DIR/models/03-classifier or 17's export.",
+                "pass a folder written by save_pretrained, e.g. ARTIFACTS_DIR/models/03-classifier or 20's export.",
             )
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)

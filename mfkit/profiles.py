@@ -200,7 +200,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_new_tokens": 96,
         },
     },
-    "07_prompting-few-shot": {
+    "08_prompting-few-shot": {
         "smoke": {
             "shots": (0, 2),
             "draws": 1,
@@ -226,11 +226,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_context_tokens": 4096,
         },
     },
-    # 10: continued training of 02's tiny GPT on KJV (forgetting, replay, EWC, LoRA) and a spam stream.
+    # 12: continued training of 02's tiny GPT on KJV (forgetting, replay, EWC, LoRA) and a spam stream.
     # cpu: ~8 runs of `kjv_steps` at 02's cpu model size (~0.2 s a step on 2 idle cores) plus the stream (~40 s).
     # EWC lambdas: at 30 steps on 02's cpu model, 1e3 cut Austen's perplexity increase by ~15%, 1e4 ~40%, 1e5 ~70%,
     # 1e6 ~95% (with KJV perplexity ~1.7x plain's); replay 0.25 ~70% at KJV perplexity ~1.04x plain's.
-    "10_continual-online-learning": {
+    "12_continual-online-learning": {
         "smoke": {
             "kjv_steps": 8,
             "batch_size": 8,
@@ -307,9 +307,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "update_epochs": 3,
         },
     },
-    # 09: every tagger takes MAX_STEPS steps (adaptations ADAPT_STEPS); cpu is sized so the eight tagger runs, six
+    # 11: every tagger takes MAX_STEPS steps (adaptations ADAPT_STEPS); cpu is sized so the eight tagger runs, six
     # short adaptations and two tiny-GPT runs fit 8 minutes on 2 cores (about 0.4 s per tagger step of 16).
-    "09_transfer-token-classification": {
+    "11_transfer-token-classification": {
         "smoke": {
             "max_steps": 2,
             "batch_size": 4,
@@ -376,10 +376,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "lm_eval_blocks": 400,
         },
     },
-    # 13 distils notebook 03's classifier on 03's budget (length, batch, lr, seed: read from 03's card); max_steps
+    # 16 distils notebook 03's classifier on 03's budget (length, batch, lr, seed: read from 03's card); max_steps
     # None keeps 03's steps. Every student sees max_steps x batch_size training mails once (teacher logits cached
     # for exactly those). cpu: a 2x2 grid of (T, alpha) + hard labels + scratch = 6 student runs of 3 layers.
-    "13_distillation": {
+    "16_distillation": {
         "smoke": {
             "max_steps": 8,
             "temperatures": [2.0],
@@ -408,12 +408,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "speed_batch": 32,
         },
     },
-    # 08 trains on notebook 03's settings (model, length, batch, learning rate, warmup, seed: read from 03's card);
+    # 09 trains on notebook 03's settings (model, length, batch, learning rate, warmup, seed: read from 03's card);
     # these are its own knobs. cpu: 4 methods x 3 label shares x 2 seeds; a run makes EPOCHS passes over its
     # labelled mails but at least MIN_STEPS steps (16, 16, 30 steps at 1%, 5%, 20%); FGM steps cost about twice
     # as much, pseudo-labelling trains once per round; tests on a fixed stratified TEST_LIMIT mails.
     # EPSILON 1.0 made runs of 16 steps collapse to predicting ham only (F1 0); 0.25 did not.
-    "08_data-augmentation": {
+    "09_data-augmentation": {
         "smoke": {
             "shares": [0.01, 0.05],
             "seeds": [0],
@@ -463,9 +463,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "survival_limit": None,
         },
     },
-    # 15 prunes notebook 03's classifier on 03's data, length and seed (read from its card); these are its own knobs.
+    # 18 prunes notebook 03's classifier on 03's data, length and seed (read from its card); these are its own knobs.
     # cpu: 8 unstructured retrains of RETRAIN_STEPS plus 2 structured retrains of STRUCTURED_STEPS (~0.6 s a step).
-    "15_pruning": {
+    "18_pruning": {
         "smoke": {
             "sparsities": (0.9,),
             "retrain_steps": 2,
@@ -506,8 +506,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "threads": 2,
         },
     },
-    # 14 quantizes notebook 03's classifier (and 13's student when it exists); timings pin THREADS threads.
-    "14_quantization": {
+    # 17 quantizes notebook 03's classifier (and 16's student when it exists); timings pin THREADS threads.
+    "17_quantization": {
         "smoke": {
             "threads": 1,
             "repeats": 3,
@@ -549,11 +549,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "test_limit": None,
         },
     },
-    # 11 searches fine-tuning hyperparameters on notebook 03's data, length and seed (read from 03's card). Every
+    # 14 searches fine-tuning hyperparameters on notebook 03's data, length and seed (read from 03's card). Every
     # searcher gets grid_size(grid) trials; a trial sees about trial_examples training mails (steps = trial_examples /
     # batch size) and is scored on val_limit validation mails at each of its rungs. cpu: 3 x 8 trials of 320 mails.
     # method "full" in every profile: on 2 CPU cores a LoRA step cost no less than a full one, and learned less.
-    "11_hyperparameter-search": {
+    "14_hyperparameter-search": {
         "smoke": {
             "method": "full",
             "grid": {"lr": 2},
@@ -588,9 +588,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "seeds": [0, 1, 2, 3, 4],
         },
     },
-    # 12 scores notebook 03's classifier (its data and length, read from 03's card); the reg_* knobs size the
+    # 15 scores notebook 03's classifier (its data and length, read from 03's card); the reg_* knobs size the
     # regularization runs, which train MiniLM afresh on a small subset so that overfitting shows.
-    "12_evaluation-regularization": {
+    "15_evaluation-regularization": {
         "smoke": {
             "n_bins": 10,
             "n_resamples": 50,
@@ -640,8 +640,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "patience": 3,
         },
     },
-    # 16 decodes with 02's tiny GPT (and SmolLM2 from the cpu profile on): every strategy on held-out Austen prompts.
-    "16_decoding-inference": {
+    # 19 decodes with 02's tiny GPT (and SmolLM2 from the cpu profile on): every strategy on held-out Austen prompts.
+    "19_decoding-inference": {
         "smoke": {
             "models": ("tiny-gpt",),
             "prompts": 4,
@@ -667,8 +667,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "batch_sizes": (1, 8, 32),
         },
     },
-    # 17 reads the chain's ledger and saved models; its own knobs size the timing and the load test.
-    "17_pipeline-serving": {
+    # 20 reads the chain's ledger and saved models; its own knobs size the timing and the load test.
+    "20_pipeline-serving": {
         "smoke": {"tolerance": 0.01, "clients": (1, 8), "requests_per_client": 4, "speed_texts": 8},
         "cpu": {"tolerance": 0.01, "clients": (1, 8, 32), "requests_per_client": 8, "speed_texts": 32},
         "gpu": {"tolerance": 0.01, "clients": (1, 8, 32), "requests_per_client": 16, "speed_texts": 64},

@@ -27,8 +27,8 @@ from .inference import size_on_disk_mb
 from .paths import atomic_folder, require_artifact
 from .timing import synchronize
 
-QUANTIZED_FOLDER = "14-quantized"
-QUANTIZED_NOTEBOOK = "14_quantization"
+QUANTIZED_FOLDER = "17-quantized"
+QUANTIZED_NOTEBOOK = "17_quantization"
 SCRIPT_NAME = "model.pt"
 CARD_NAME = "mfkit.json"
 

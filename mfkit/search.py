@@ -60,7 +60,7 @@ class Dim:
             )
 
 
-# The spaces notebook 11 searches on MiniLM, by training method, and the defaults the grid keeps for the dimensions
+# The spaces notebook 14 searches on MiniLM, by training method, and the defaults the grid keeps for the dimensions
 # it does not vary (the notebook takes the rest, learning rate, warmup and batch size, from notebook 03's card).
 # For LoRA, the default rate and rank are notebook 05's; weight decay is `TrainConfig`'s default, which 03 used.
 SPACES: dict[str, dict[str, Any]] = {

@@ -389,8 +389,8 @@ def test_infer_ratios_are_paired_per_repeat_and_f1_comes_from_the_cards():
     )
     assert rows["student"]["throughput_x_verdict"] == "faster in all 3 repeats"
     assert rows["student"]["latency_ms"] == 6 and rows["student"]["test_f1"] == 0.94
-    table = bench.format_infer_table(list(rows.values()), {"pruned": "15"})
-    assert "pruned        not built: run notebook 15" in table and "2.00 (2.00-2.00)" in table
+    table = bench.format_infer_table(list(rows.values()), {"pruned": "18"})
+    assert "pruned        not built: run notebook 18" in table and "2.00 (2.00-2.00)" in table
 
 
 def test_infer_measures_every_variant_found_and_lists_the_missing(tmp_path, monkeypatch, capsys):
@@ -398,7 +398,7 @@ def test_infer_measures_every_variant_found_and_lists_the_missing(tmp_path, monk
     save_tiny_classifier(
         models / "03-classifier", 4, {"settings": {"max_length": 16}, "scores": {"test_f1": 0.9}}
     )
-    save_tiny_classifier(models / "13-student", 2, {"settings": {}, "scores": {"test_f1": 0.88}})
+    save_tiny_classifier(models / "16-student", 2, {"settings": {}, "scores": {"test_f1": 0.88}})
     order = []
 
     def in_process(workload, variant, args):  # the worker's own code, without a new interpreter
@@ -424,7 +424,7 @@ def test_infer_measures_every_variant_found_and_lists_the_missing(tmp_path, monk
     variants = ["teacher", "teacher-int8", "student", "student-int8"]
     assert order == variants + variants[::-1]  # interleaved, reversed every other repeat
     printed = capsys.readouterr().out
-    assert "pruned        not built: run notebook 15" in printed and "pruned-int8" in printed
+    assert "pruned        not built: run notebook 18" in printed and "pruned-int8" in printed
     report = json.loads(out.read_text())
     rows = {r["variant"]: r for r in report["variants"]}
     assert rows["student"]["test_f1"] == 0.88 and rows["teacher-int8"]["test_f1"] is None

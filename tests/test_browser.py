@@ -1,5 +1,5 @@
 """The decoding playground in a real browser: JupyterLab on localhost, headless Chromium (Debian's package, driven by
-Selenium with the system driver: nothing is downloaded), notebook 16 run in it, a slider moved, the output changed.
+Selenium with the system driver: nothing is downloaded), notebook 19 run in it, a slider moved, the output changed.
 
 Skips with the reason when the browser, its driver, Selenium or JupyterLab is missing (`.ci/setup` installs them).
 A screenshot of the playground after the move is kept in `runs/browser/`.
@@ -21,7 +21,7 @@ from mfkit.paths import notebooks_dir, runs_dir
 from mfkit.serve import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.notebooks, pytest.mark.slow]
-NOTEBOOK = "16_decoding-inference.ipynb"
+NOTEBOOK = "19_decoding-inference.ipynb"
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver") or (
     "/usr/lib/chromium/chromedriver" if Path("/usr/lib/chromium/chromedriver").exists() else None
@@ -30,7 +30,7 @@ DRIVER = shutil.which("chromedriver") or (
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, smoke_chain):
-    """A parameterized copy of notebook 16 (smoke) served by JupyterLab, on a copy of the smoke chain's tokenizer
+    """A parameterized copy of notebook 19 (smoke) served by JupyterLab, on a copy of the smoke chain's tokenizer
     and tiny GPT (its own artifacts folder, so the chain's ledger stays as the chain wrote it)."""
     pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
     pytest.importorskip("jupyterlab", reason="JupyterLab is not installed (pip install jupyterlab)")
@@ -40,7 +40,7 @@ def lab(tmp_path_factory, smoke_chain):
 
     root = tmp_path_factory.mktemp("lab")
     chain_artifacts = smoke_chain["output"] / "artifacts"
-    for needed in ("tokenizer", "models/tiny-gpt"):  # what 01 and 02 wrote and 16 reads
+    for needed in ("tokenizer", "models/tiny-gpt"):  # what 01 and 02 wrote and 19 reads
         assert (chain_artifacts / needed).is_dir(), (
             f"the smoke chain wrote no {needed}: {smoke_chain['notebooks']}"
         )

@@ -170,7 +170,7 @@ def test_saved_student_reloads_with_plain_transformers_and_predicts_the_same(tmp
     tokenizer = BertTokenizerFast(vocab_file=str(vocab))
     student = distill.layer_selected_student(tiny_bert(layers=4), [1, 3])
     folder = classify.save_classifier(
-        student, tokenizer, tmp_path / "13-student", card={"scores": {"test_f1": 1}}
+        student, tokenizer, tmp_path / "16-student", card={"scores": {"test_f1": 1}}
     )
     again = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     assert again.config.num_hidden_layers == 2

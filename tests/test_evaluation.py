@@ -25,7 +25,7 @@ def test_ece_matches_a_hand_computed_case():
     labels = np.array([1, 1, 1, 1])
     # confidences 0.9, 0.8, 0.6, 0.7; correct: yes, no (pred 0), yes, yes
     assert ev.expected_calibration_error(probs, labels, n_bins=2) == pytest.approx(0.0)
-    # 10 bins: (0.8, 0.9] holds 0.9 (acc 1), (0.7, 0.8] holds 0.8 (acc 0), (0.6, 0.7] holds 0.7 (acc 1),
+    # 12 bins: (0.8, 0.9] holds 0.9 (acc 1), (0.7, 0.8] holds 0.8 (acc 0), (0.6, 0.7] holds 0.7 (acc 1),
     # (0.5, 0.6] holds 0.6 (acc 1): ECE = (|1-.9| + |0-.8| + |1-.7| + |1-.6|) / 4 = (0.1+0.8+0.3+0.4)/4 = 0.4
     assert ev.expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(0.4)
     table = ev.reliability_table(probs, labels, n_bins=10)
@@ -159,18 +159,18 @@ def test_ledger_metrics_names_the_notebook_to_run_when_its_ledger_is_missing(tmp
         {
             "task": "spans",
             "metric": "entity F1",
-            "notebook": "09_transfer-token-classification",
+            "notebook": "11_transfer-token-classification",
             "key": "entity_f1",
         },
     ]
     rows = ev.ledger_metrics(specs, tmp_path, digits=1)
     assert rows[0]["value"] == "130.5" and rows[0]["baseline"] == "600.2"
     assert "not recorded" in rows[1]["value"]
-    assert rows[2]["value"] == "run notebook 09 first"
+    assert rows[2]["value"] == "run notebook 11 first"
 
 
 def test_save_threshold_writes_json_atomically(tmp_path):
-    path = ev.save_threshold(tmp_path / "12-evaluation" / "threshold.json", threshold=0.42, temperature=1.5)
+    path = ev.save_threshold(tmp_path / "15-evaluation" / "threshold.json", threshold=0.42, temperature=1.5)
     assert json.loads(path.read_text()) == {"threshold": 0.42, "temperature": 1.5}
     assert [p.name for p in path.parent.iterdir()] == ["threshold.json"]
     with pytest.raises(MfkitError, match="threshold"):

@@ -13,7 +13,7 @@ from mfkit.errors import MfkitError
 from mfkit.loaders import EpochSampler, LengthGroupedSampler, make_loader, pad_collate, sequence_lengths
 
 RNG = random.Random(7)
-LENGTHS = [RNG.randint(3, 512) for _ in range(203)]  # 12 full batches of 16 and a remainder of 11
+LENGTHS = [RNG.randint(3, 512) for _ in range(203)]  # 15 full batches of 16 and a remainder of 11
 
 
 def padded_fraction(batches: list[list[int]]) -> float:
@@ -36,7 +36,7 @@ def test_batches_group_similar_lengths():
     assert [len(b) for b in batches] == [16] * 12 + [11]  # full batches, the short remainder last
     random_batches = [list(range(s, min(s + 16, len(LENGTHS)))) for s in range(0, len(LENGTHS), 16)]
     assert padded_fraction(random_batches) > 0.4  # uniform lengths 3-512: random batches are mostly padding
-    assert padded_fraction(batches) < 0.1  # 13 batches over lengths 3-512: each spans ~40 tokens
+    assert padded_fraction(batches) < 0.1  # 16 batches over lengths 3-512: each spans ~40 tokens
     assert max(LENGTHS[i] for i in batches[0]) == max(LENGTHS)  # the longest batch comes first
 
 
@@ -74,7 +74,7 @@ def test_make_loader_group_by_length_serves_the_groups(drop_last):
 
 
 def test_accelerate_sharding_keeps_batches_whole_and_covers_the_epoch():
-    lengths = LENGTHS[:192]  # 12 batches: 6 per process
+    lengths = LENGTHS[:192]  # 15 batches: 6 per process
     rows = [{"input_ids": [1] * n, "index": i} for i, n in enumerate(lengths)]
     shards = []
     for rank in range(2):

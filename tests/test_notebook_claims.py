@@ -15,7 +15,7 @@ from mfkit.report import fill
 
 NOTEBOOKS = sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
 NUMBERS = {p.name[:2] for p in NOTEBOOKS}
-# "notebook 03", "notebooks 04 and 05", "notebooks 03-06", "notebooks 02, 08 or 11"
+# "notebook 03", "notebooks 04 and 05", "notebooks 03-06", "notebooks 02, 09 or 14"
 MENTION = re.compile(r"\bnotebooks?\s+(\d{2}(?:\s*(?:,|and|or|-|–|to)\s*\d{2})*)", re.IGNORECASE)
 # What a takeaway may contain besides words: math, code, placeholders, citations with a year, notebook numbers.
 ALLOWED = [

@@ -59,7 +59,7 @@ def test_killed_notebook_resumes_to_identical_weights(tmp_path: Path) -> None:
 
 
 SEARCH_PARAMS = ["--param", "GRID={'lr': 4}", "TRIAL_EXAMPLES=64"]  # 4 trials per searcher
-STUDIES = "artifacts/11-search/studies.db"
+STUDIES = "artifacts/14-search/studies.db"
 
 
 def finished_trials(db: Path) -> dict[str, int]:
@@ -80,17 +80,17 @@ def finished_trials(db: Path) -> dict[str, int]:
 @pytest.mark.notebooks
 @pytest.mark.slow
 def test_killed_search_continues_its_studies(tmp_path: Path, smoke_chain: dict) -> None:
-    classifier = "artifacts/models/03-classifier"  # 11 reads 03's settings from its classifier card
+    classifier = "artifacts/models/03-classifier"  # 14 reads 03's settings from its classifier card
     shutil.copytree(smoke_chain["output"] / classifier, tmp_path / classifier)
     db = tmp_path / STUDIES
-    victim = run_notebook("11", tmp_path, SEARCH_PARAMS, start_new_session=True)
+    victim = run_notebook("14", tmp_path, SEARCH_PARAMS, start_new_session=True)
     kill_when(victim, lambda: sum(finished_trials(db).values()) >= 2, "two trials were stored")
     before = finished_trials(db)
     assert 2 <= sum(before.values()) < 12, f"killed too late to test anything: {before}"
 
-    assert run_notebook("11", tmp_path, SEARCH_PARAMS).wait(timeout=900) == 0
+    assert run_notebook("14", tmp_path, SEARCH_PARAMS).wait(timeout=900) == 0
     after = finished_trials(db)
     assert sorted(after.values()) == [4, 4, 4], after  # each searcher at its budget, nothing run twice
-    printed = (tmp_path / "notebooks" / "11_hyperparameter-search.ipynb").read_text()
+    printed = (tmp_path / "notebooks" / "14_hyperparameter-search.ipynb").read_text()
     found = [int(n) for n in re.findall(r"(\d+) trial\(s\) found on disk", printed)]
     assert sum(found) == sum(before.values()), (found, before)  # the rerun read every stored trial back

@@ -42,8 +42,8 @@ LATEST_NOTEBOOKS = (
     "03_full-finetuning",
     "05_peft-lora",
     "06_instruction-tuning",
-    "07_prompting-few-shot",
-    "14_quantization",
+    "08_prompting-few-shot",
+    "17_quantization",
 )
 PYPROJECT = project_table() or pytest.skip(
     "reading pyproject.toml needs Python 3.11 (tomllib)", allow_module_level=True

@@ -90,7 +90,7 @@ def test_the_serving_rule_is_12s_only_for_the_model_12_tuned(tiny_classifier_dir
     assert missing == fitted and "has not run" in why
     save_threshold(rule_file, threshold=0.8, temperature=2.0, model_folder=f"a/{tiny_classifier_dir.name}")
     reused, why = pipeline.serving_rule(tiny_classifier_dir, rule_file, texts, labels, max_length=16)
-    assert reused == {"threshold": 0.8, "temperature": 2.0} and "notebook 12" in why
+    assert reused == {"threshold": 0.8, "temperature": 2.0} and "notebook 15" in why
 
 
 def test_a_server_that_cannot_start_says_why(tmp_path):

@@ -115,7 +115,7 @@ def test_dynamic_int8_bad_input() -> None:
 
 
 def test_models_compared_side_by_side_are_moved_to_one_device_first() -> None:
-    """`fit` leaves a model where it trained (a GPU), a loaded one is on the CPU: notebook 15 times and quantizes
+    """`fit` leaves a model where it trained (a GPU), a loaded one is on the CPU: notebook 18 times and quantizes
     them side by side. Here the `meta` device stands in for the device they must leave."""
     elsewhere, loaded = tiny_bert().to("meta"), tiny_bert()
     with pytest.raises(MfkitError, match="CPU only"):
@@ -127,7 +127,7 @@ def test_models_compared_side_by_side_are_moved_to_one_device_first() -> None:
 
 
 def test_notebook_15_moves_its_variants_to_the_cpu_before_timing_and_quantizing() -> None:
-    cells = [c["source"] for c in nbformat.read(NOTEBOOKS / "15_pruning.ipynb", as_version=4).cells]
+    cells = [c["source"] for c in nbformat.read(NOTEBOOKS / "18_pruning.ipynb", as_version=4).cells]
     speed_cell = next(c for c in cells if "quantize_dynamic_int8(" in c and "variants" in c)
     assert "on_device(" in speed_cell
     assert speed_cell.index("on_device(") < speed_cell.index("quantize_dynamic_int8(dense)")
@@ -150,7 +150,7 @@ def test_save_reload_identical_predictions(tmp_path) -> None:
 
 
 def test_load_missing_names_the_notebook(tmp_path) -> None:
-    with pytest.raises(MfkitError, match="14_quantization"):
+    with pytest.raises(MfkitError, match="17_quantization"):
         quantize.load_quantized(tmp_path / "nothing")
 
 

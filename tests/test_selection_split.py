@@ -166,9 +166,9 @@ def test_the_kit_chooses_on_validation_only() -> None:
 @pytest.mark.parametrize(
     "source",
     [
-        # 14 before the fix: the int8 variant kept by its test F1 change
+        # 17 before the fix: the int8 variant kept by its test F1 change
         'chosen = max(dynamic, key=lambda n: table.loc[n, "F1 change (points)"])',
-        # 17 before the fix: the served model chosen from a table of test F1s
+        # 20 before the fix: the served model chosen from a table of test F1s
         "chosen = pipeline.choose(table, cfg.tolerance)",
         "threshold, f1 = evaluation.choose_threshold(test.labels, test_spam)",
         "t = evaluation.fit_temperature(logits['test'], labels)",
