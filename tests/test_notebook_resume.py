@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 
-PARAMS = ["--param", "MAX_STEPS=40", "EVAL_EVERY=8", "PATIENCE=100"]
+# Small enough to run twice side by side in a minute or two; long enough (12 steps after the first checkpoint) that the
+# kill lands mid-training.
+PARAMS = [
+    "--param",
+    "MAX_STEPS=16",
+    "EVAL_EVERY=4",
+    "BATCH_SIZE=8",
+    "TRAIN_LIMIT=128",
+    "EVAL_LIMIT=32",
+    "PATIENCE=100",
+]
 CHECKPOINTS = "artifacts/checkpoints/03/*/last.pt"  # one folder per configuration (a hash of its knobs)
 WEIGHTS = Path("artifacts/models/03-classifier/model.safetensors")
 

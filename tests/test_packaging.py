@@ -45,6 +45,12 @@ LATEST_NOTEBOOKS = (
     "08_prompting-few-shot",
     "17_quantization",
 )
+# The fresh-runtime tests check the install path and the library APIs, not the numbers (the smoke chain checks those,
+# with the same tested versions, against its baselines). So they run 03 on a tiny budget, which 05 reads from 03's
+# card: every code path, every PEFT method, a fraction of the compute.
+FRESH_RUNTIME_PARAMS = {
+    "03_full-finetuning": {"MAX_STEPS": 4, "EVAL_EVERY": 2, "TRAIN_LIMIT": 64, "EVAL_LIMIT": 32},
+}
 PYPROJECT = project_table() or pytest.skip(
     "reading pyproject.toml needs Python 3.11 (tomllib)", allow_module_level=True
 )
@@ -250,8 +256,9 @@ def _only_kernel_packages_differ(python: Path) -> None:
 
 
 def _run_in_one_folder(python: Path, stems: tuple[str, ...], work: Path, env: dict) -> dict[str, float]:
-    """Copy the notebooks into `work` and run them there in order in `smoke`, each through its own setup cell
-    (papermill, as a learner's runtime would); return the seconds of each. Stops at the first failure."""
+    """Copy the notebooks into `work` and run them there in order in `smoke` (with FRESH_RUNTIME_PARAMS), each
+    through its own setup cell (papermill, as a learner's runtime would); return the seconds of each. Stops at the
+    first failure."""
     work.mkdir(parents=True, exist_ok=True)
     for stem in stems:
         shutil.copy(notebooks_dir() / f"{stem}.ipynb", work / f"{stem}.ipynb")
@@ -260,7 +267,9 @@ def _run_in_one_folder(python: Path, stems: tuple[str, ...], work: Path, env: di
     for stem in stems:
         start = time.perf_counter()
         command = [str(python), "-m", "papermill", f"{stem}.ipynb", f"{stem}.out.ipynb", "-k", "python3"]
-        _run([*command, "-p", "PROFILE", "smoke", "--cwd", str(work)], cwd=work, env=env, timeout=1800)
+        params = {"PROFILE": "smoke", **FRESH_RUNTIME_PARAMS.get(stem, {})}
+        command += [arg for name, value in params.items() for arg in ("-p", name, str(value))]
+        _run([*command, "--cwd", str(work)], cwd=work, env=env, timeout=1800)
         seconds[stem] = round(time.perf_counter() - start, 1)
         assert (
             work / "artifacts" / "results" / f"{stem}.json"
