@@ -107,7 +107,7 @@ BROWN_GENRES = {  # the letter after "c" in a Brown file name -> genre (the name
 }
 SPAM_GROUPS = ("easy-ham-1", "easy-ham-2", "hard-ham-1", "spam-1", "spam-2")
 # The shortest input (in MiniLM tokens, [CLS] and [SEP] included) a profile gives a classifier of the spam mails:
-# 15's smoke regularization runs (`reg_max_length`); 03 and the notebooks after it cut at 64 or 256. Two mails
+# 10's smoke regularization runs (`max_length`); 03 and the notebooks after it cut at 64 or 256. Two mails
 # equal when cut at a longer length are equal at this one, so dropping the train and validation mails that equal a
 # test mail here leaves none equal to a test mail at any length a profile uses (tests/test_data.py checks each).
 SPAM_SHORTEST_INPUT = 32

@@ -576,3 +576,37 @@ def corpus_losses(
         return {"eval_loss": scores[f"{monitor}_loss"], **scores}
 
     return evaluate
+
+
+def block_losses(model: nn.Module, loader: DataLoader) -> np.ndarray:
+    """The mean next-token loss (nats per predicted token) of every block of `loader`, in loader order.
+
+    These are the per-example scores that a paired comparison of two language models resamples: both models are
+    scored on the same blocks, so `evaluation.compare_methods(labels, losses_a, losses_b, metric=mean_loss)`
+    (any `labels` of the same length; they are not read) says whether a's loss is above, below or not clearly
+    different from b's. With blocks of equal length (`lm.pack_blocks`), their mean is the loss over all tokens.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for batch in loader:
+            ids = batch["input_ids"].to(device)
+            labels = batch.get("labels", ids).to(device)
+            logits = model(input_ids=ids).logits.float()
+            per_token = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+            )
+            counted = (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)
+            losses.append((per_token.sum(dim=1) / counted).double().cpu())
+    model.train(was_training)
+    if not losses:
+        raise MfkitError("The loader yields no blocks.", "pass a loader over some held-out blocks.")
+    return torch.cat(losses).numpy()
+
+
+def mean_loss(_labels: np.ndarray, losses: np.ndarray) -> float:
+    """The metric of `block_losses` for `evaluation.compare_methods`: the mean of the per-block losses (lower is
+    better, so "below" is the better side)."""
+    return float(np.mean(losses))

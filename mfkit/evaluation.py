@@ -1,4 +1,4 @@
-"""Judging a classifier beyond one number: thresholds, calibration, confidence intervals, errors; regularizers.
+"""Judging a classifier beyond one number: thresholds, calibration, confidence intervals, errors.
 
     reliability_table(...), expected_calibration_error(...)  how far confidence is from accuracy, bin by bin
     fit_temperature(...), scale_logits(...)                  temperature scaling: one scalar fitted on validation
@@ -10,7 +10,6 @@
     error_table(...)                                         the test mails a model gets wrong, with reasons
     ledger_metrics(...)                                      other notebooks' headline metrics, or who to run first
     save_threshold(...)                                      the chosen threshold as JSON, written atomically
-    label_smoothing_loss(...), with_l1(...)                  loss functions for `fit(..., loss_fn=...)`
 
 Probabilities are softmax outputs of shape [n, C]; labels are class ids. Everything is numpy in, numpy out.
 
@@ -31,13 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from .errors import MfkitError, check_positive
 from .metrics import softmax
 from .paths import atomic_path
-from .training import Batch, LossFn, default_loss
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
@@ -507,38 +504,3 @@ def _formatted(found: Mapping[str, Any], key: str, number: str, digits: int) -> 
     if value is None:
         return f"not recorded by notebook {number} ({key})"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Regularizers that act through the loss
-# --------------------------------------------------------------------------------------------------------------
-
-
-def label_smoothing_loss(smoothing: float) -> LossFn:
-    """Cross-entropy against targets (1 - eps) * onehot(y) + eps / C (Szegedy et al., 2016), for `fit(loss_fn=...)`."""
-    if not 0 <= smoothing < 1:
-        raise MfkitError(f"smoothing={smoothing!r} is not in [0, 1).", "pass e.g. 0.1.")
-
-    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return F.cross_entropy(model(**inputs).logits.float(), batch["labels"], label_smoothing=smoothing)
-
-    return loss
-
-
-def decayed_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable weight matrices (and embeddings) of `model`: biases and normalisation weights excluded,
-    as in AdamW's decay groups (`mfkit.optim.parameter_groups`)."""
-    return [p for name, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-
-
-def with_l1(strength: float, loss_fn: LossFn = default_loss) -> LossFn:
-    """`loss_fn` plus strength * sum |w| over `decayed_weights`: the L1 penalty, which pushes weights to exactly
-    zero (a subgradient, sign(w), of the same size for every weight), unlike L2's pull towards zero."""
-    check_positive("strength", strength, allow_zero=True)
-
-    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-        penalty = sum(p.abs().sum() for p in decayed_weights(model))
-        return loss_fn(model, batch) + strength * penalty
-
-    return loss

@@ -572,22 +572,25 @@ def memory_shapes() -> list[MemoryShape]:
     gpt = PROFILES["02_pretraining-tiny-lm"]["gpu"]
     cls_b, cls_s = gpu_shape("minilm")
     tag = PROFILES["11_transfer-token-classification"]["gpu"]
-    reg = PROFILES["15_evaluation-regularization"]["gpu"]
+    reg = PROFILES["10_regularization"]["gpu"]
     lora_b, lora_s = gpu_shape("smollm2")
     gen = PROFILES[GENERATION_NOTEBOOK]["gpu"]
     score = PROFILES["08_prompting-few-shot"]["gpu"]
-    cont = PROFILES["12_continual-online-learning"]["gpu"]
+    cont = PROFILES["12_continual-learning"]["gpu"]
+    align = PROFILES["07_preference-alignment"]["gpu"]
     share = max(
         cont["replay_shares"]
     )  # replay adds old blocks on top of the new ones (continual.replay_counts)
     replay_b = cont["batch_size"] + round(cont["batch_size"] * share / (1 - share))
     return [
-        MemoryShape("tiny-gpt", "02, 11 (LM)", "train", gpt["batch_size"], gpt["block_size"]),
+        MemoryShape("tiny-gpt", "02, 12", "train", gpt["batch_size"], gpt["block_size"]),
         MemoryShape("tiny-gpt", "12 (replay 0.5)", "train", replay_b, gpt["block_size"]),
         MemoryShape("minilm-cls", "03, 04, 05, 09, 14, 16, 18", "train", cls_b, cls_s),
         MemoryShape("minilm-tagger", "11", "train", tag["batch_size"], tag["max_length"]),
-        MemoryShape("minilm-cls", "15", "train", reg["reg_batch_size"], reg["reg_max_length"]),
+        MemoryShape("minilm-cls", "10", "train", reg["batch_size"], reg["max_length"]),
         MemoryShape("smollm2-lora", "06", "lora", lora_b, lora_s),
+        # 07: a chosen and a rejected answer per pair in one batch (the reference's log-probs are cached, no pass)
+        MemoryShape("smollm2-lora", "07 (pairs)", "lora", 2 * align["batch_size"], align["max_length"]),
         MemoryShape("smollm2-score", "08", "score", 1, score["max_context_tokens"]),
         MemoryShape(
             "smollm2-generate",

@@ -70,11 +70,13 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "03_full-finetuning": {
+        # smoke: batch 8 at twice the rate learns as much in 24 steps (test F1 0.86) for half the compute of batch 16;
+        # 04, 05, 09 and 16 train on this budget too.
         "smoke": {
             "max_steps": 24,
-            "batch_size": 16,
+            "batch_size": 8,
             "max_length": 64,
-            "lr": 1e-4,
+            "lr": 2e-4,
             "warmup": 0.1,
             "eval_every": 12,
             "train_limit": 800,
@@ -200,6 +202,63 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_new_tokens": 96,
         },
     },
+    # 07 continues 06's LoRA adapter: continued SFT on the chosen answers (the baseline) and each preference loss in
+    # METHODS, every run MAX_STEPS steps of BATCH_SIZE pairs. Training pairs come from TRAIN_VERSES validation verses
+    # (three rejected kinds each); held-out pairs and generation scores from EVAL_VERSES test verses picked as 06
+    # picks them. cpu keeps SimPO and ORPO out to stay within 10 minutes on 2 cores (smoke and gpu run all four).
+    "07_preference-alignment": {
+        "smoke": {
+            "methods": ("dpo", "ipo", "simpo", "orpo"),
+            "max_steps": 2,
+            "batch_size": 2,
+            "lr": 5e-4,
+            "train_verses": 3,
+            "eval_verses": 4,
+            "samples": 2,
+            "max_length": 160,
+            "max_new_tokens": 16,
+            "trl_steps": 2,
+            "beta": 0.1,
+            "ipo_tau": 0.5,
+            "simpo_beta": 2.0,
+            "simpo_gamma": 1.0,
+            "orpo_lambda": 0.1,
+        },
+        "cpu": {
+            "methods": ("dpo", "ipo"),
+            "max_steps": 30,
+            "batch_size": 4,
+            "lr": 5e-4,
+            "train_verses": 40,
+            "eval_verses": 32,
+            "samples": 2,
+            "max_length": 160,
+            "max_new_tokens": 48,
+            "trl_steps": 3,
+            "beta": 0.1,
+            "ipo_tau": 0.5,
+            "simpo_beta": 2.0,
+            "simpo_gamma": 1.0,
+            "orpo_lambda": 0.1,
+        },
+        "gpu": {
+            "methods": ("dpo", "ipo", "simpo", "orpo"),
+            "max_steps": 200,
+            "batch_size": 16,
+            "lr": 2e-4,
+            "train_verses": 1200,
+            "eval_verses": 200,
+            "samples": 4,
+            "max_length": 192,
+            "max_new_tokens": 96,
+            "trl_steps": 10,
+            "beta": 0.1,
+            "ipo_tau": 0.5,
+            "simpo_beta": 2.0,
+            "simpo_gamma": 1.0,
+            "orpo_lambda": 0.1,
+        },
+    },
     "08_prompting-few-shot": {
         "smoke": {
             "shots": (0, 2),
@@ -226,11 +285,13 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "max_context_tokens": 4096,
         },
     },
-    # 12: continued training of 02's tiny GPT on KJV (forgetting, replay, EWC, LoRA) and a spam stream.
-    # cpu: ~8 runs of `kjv_steps` at 02's cpu model size (~0.2 s a step on 2 idle cores) plus the stream (~40 s).
+    # 12: continued pretraining of 02's tiny GPT on KJV (what it buys against the same model from scratch, what it
+    # forgets of Austen) and the remedies (replay, EWC, LoRA), every run `kjv_steps` steps at the same KJV budget.
+    # cpu: 9 runs at 02's cpu model size (~0.2 s a step on 2 idle cores). gpu (a T4, not yet measured): 600 x 32
+    # blocks of 256 = 4.9M KJV tokens, about 5 passes over KJV's 3,766 training blocks (with Austen's tokenizer).
     # EWC lambdas: at 30 steps on 02's cpu model, 1e3 cut Austen's perplexity increase by ~15%, 1e4 ~40%, 1e5 ~70%,
     # 1e6 ~95% (with KJV perplexity ~1.7x plain's); replay 0.25 ~70% at KJV perplexity ~1.04x plain's.
-    "12_continual-online-learning": {
+    "12_continual-learning": {
         "smoke": {
             "kjv_steps": 8,
             "batch_size": 8,
@@ -244,17 +305,6 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "ewc_lambdas": [1e4],
             "lora_r": 8,
             "lora_lr": 5e-3,
-            "stream_limit": 400,
-            "stream_batch": 16,
-            "first_period": 150,
-            "retrain_every": 150,
-            "retrain_epochs": 2,
-            "sgd_lr": 0.2,
-            "lr_boost": 5.0,
-            "boost_batches": 10,
-            "f1_window": 100,
-            "chunks": 2,
-            "update_epochs": 2,
         },
         "cpu": {
             "kjv_steps": 120,
@@ -269,17 +319,6 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "ewc_lambdas": [1e4, 1e5, 1e6],
             "lora_r": 8,
             "lora_lr": 5e-3,
-            "stream_limit": None,
-            "stream_batch": 16,
-            "first_period": 1000,
-            "retrain_every": 1000,
-            "retrain_epochs": 3,
-            "sgd_lr": 0.2,
-            "lr_boost": 5.0,
-            "boost_batches": 10,
-            "f1_window": 250,
-            "chunks": 4,
-            "update_epochs": 3,
         },
         "gpu": {
             "kjv_steps": 600,
@@ -294,6 +333,38 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "ewc_lambdas": [1e3, 1e4, 1e5, 1e6],
             "lora_r": 16,
             "lora_lr": 2e-3,
+        },
+    },
+    # 13: a prequential spam stream (easy groups first) for a hashed linear model, and update vs retraining.
+    # cpu: the whole stream of training + validation mails, about 40 s; nothing here needs a GPU.
+    "13_online-learning": {
+        "smoke": {
+            "stream_limit": 400,
+            "stream_batch": 16,
+            "first_period": 150,
+            "retrain_every": 150,
+            "retrain_epochs": 2,
+            "sgd_lr": 0.2,
+            "lr_boost": 5.0,
+            "boost_batches": 10,
+            "f1_window": 100,
+            "chunks": 2,
+            "update_epochs": 2,
+        },
+        "cpu": {
+            "stream_limit": None,
+            "stream_batch": 16,
+            "first_period": 1000,
+            "retrain_every": 1000,
+            "retrain_epochs": 3,
+            "sgd_lr": 0.2,
+            "lr_boost": 5.0,
+            "boost_batches": 10,
+            "f1_window": 250,
+            "chunks": 4,
+            "update_epochs": 3,
+        },
+        "gpu": {
             "stream_limit": None,
             "stream_batch": 16,
             "first_period": 1000,
@@ -307,8 +378,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "update_epochs": 3,
         },
     },
-    # 11: every tagger takes MAX_STEPS steps (adaptations ADAPT_STEPS); cpu is sized so the eight tagger runs, six
-    # short adaptations and two tiny-GPT runs fit 8 minutes on 2 cores (about 0.4 s per tagger step of 16).
+    # 11: every tagger takes MAX_STEPS steps (adaptations ADAPT_STEPS); cpu is sized so the eight tagger runs and six
+    # short adaptations fit 8 minutes on 2 cores (about 0.4 s per tagger step of 16).
     "11_transfer-token-classification": {
         "smoke": {
             "max_steps": 2,
@@ -326,10 +397,6 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "adapt_sizes": [0, 4],
             "adapt_all_limit": 8,
             "adapt_steps": 1,
-            "lm_steps": 2,
-            "lm_batch_size": 4,
-            "lm_lr": 1e-3,
-            "lm_eval_blocks": 4,
         },
         "cpu": {
             "max_steps": 60,
@@ -347,10 +414,6 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "adapt_sizes": [0, 50, 200],
             "adapt_all_limit": 400,
             "adapt_steps": 20,
-            "lm_steps": 100,
-            "lm_batch_size": 16,
-            "lm_lr": 1e-3,
-            "lm_eval_blocks": 64,
         },
         "gpu": {
             "max_steps": 600,
@@ -368,12 +431,6 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "adapt_sizes": [0, 50, 200],
             "adapt_all_limit": None,
             "adapt_steps": 150,
-            # 400 x 32 blocks of 256 = 3.3M tokens: about 3.4 passes over KJV's 3,766 training blocks (0.96M tokens
-            # with Austen's tokenizer); 1,500 steps made 13, and the run keeps its final (not its best) weights.
-            "lm_steps": 400,
-            "lm_batch_size": 32,
-            "lm_lr": 1e-3,
-            "lm_eval_blocks": 400,
         },
     },
     # 16 distils notebook 03's classifier on 03's budget (length, batch, lr, seed: read from 03's card); max_steps
@@ -588,56 +645,61 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "seeds": [0, 1, 2, 3, 4],
         },
     },
-    # 15 scores notebook 03's classifier (its data and length, read from 03's card); the reg_* knobs size the
-    # regularization runs, which train MiniLM afresh on a small subset so that overfitting shows.
-    "15_evaluation-regularization": {
+    # 15 scores notebook 03's classifier (its data and length, read from 03's card).
+    "15_evaluation": {
+        "smoke": {"n_bins": 10, "n_resamples": 50},
+        "cpu": {"n_bins": 10, "n_resamples": 2000},
+        "gpu": {"n_bins": 15, "n_resamples": 5000},
+    },
+    # 10 trains MiniLM afresh, (variants) x (seeds) runs of MAX_STEPS, on a training set small enough to be
+    # memorised within the budget (none's validation loss rises while its training loss falls). Strengths act:
+    # weight decay with lambda * sum(lr_t) ~ 0.1, L1's soft threshold reaching alpha * sum(lr_t) ~ the size of
+    # MiniLM's smaller weights, dropout and label smoothing at the published 0.1.
+    "10_regularization": {
         "smoke": {
-            "n_bins": 10,
-            "n_resamples": 50,
-            "reg_train_limit": 8,
-            "reg_eval_limit": 16,
-            "reg_max_length": 32,  # the shortest cut the spam splits are deduplicated at (data/build_data.py)
-            "reg_batch_size": 4,
-            "reg_steps": 2,
-            "reg_eval_every": 1,
-            "reg_lr": 1e-4,
-            "dropout": 0.3,
-            "weight_decay": 1.0,
-            "l1": 1e-6,
+            "seeds": [0],
+            "train_limit": 16,
+            "eval_limit": 16,
+            "max_length": 32,  # the shortest cut the spam splits are deduplicated at (data/build_data.py)
+            "batch_size": 8,
+            "max_steps": 4,
+            "eval_every": 2,
+            "lr": 1e-4,
+            "dropout": 0.1,
+            "weight_decay": 25.0,
+            "l1": 1.0,
             "label_smoothing": 0.1,
             "patience": 1,
         },
         "cpu": {
-            "n_bins": 10,
-            "n_resamples": 2000,
-            "reg_train_limit": 96,
-            "reg_eval_limit": 160,
-            "reg_max_length": 64,
-            "reg_batch_size": 16,
-            "reg_steps": 50,
-            "reg_eval_every": 10,
-            "reg_lr": 1e-4,
-            "dropout": 0.3,
-            "weight_decay": 1.0,
-            "l1": 1e-6,
-            "label_smoothing": 0.1,
-            "patience": 2,
-        },
-        "gpu": {
-            "n_bins": 15,
-            "n_resamples": 5000,
-            "reg_train_limit": 200,
-            "reg_eval_limit": None,
-            "reg_max_length": 128,
-            "reg_batch_size": 16,
-            "reg_steps": 200,
-            "reg_eval_every": 10,
-            "reg_lr": 1e-4,
-            "dropout": 0.3,
-            "weight_decay": 1.0,
-            "l1": 1e-6,
+            "seeds": [0, 1],
+            "train_limit": 64,
+            "eval_limit": 160,
+            "max_length": 32,
+            "batch_size": 16,
+            "max_steps": 80,
+            "eval_every": 8,
+            "lr": 1e-4,
+            "dropout": 0.1,
+            "weight_decay": 25.0,
+            "l1": 1.0,
             "label_smoothing": 0.1,
             "patience": 3,
+        },
+        "gpu": {
+            "seeds": [0, 1, 2],
+            "train_limit": 256,
+            "eval_limit": None,
+            "max_length": 128,
+            "batch_size": 16,
+            "max_steps": 400,
+            "eval_every": 20,
+            "lr": 1e-4,
+            "dropout": 0.1,
+            "weight_decay": 5.0,
+            "l1": 0.5,
+            "label_smoothing": 0.1,
+            "patience": 4,
         },
     },
     # 19 decodes with 02's tiny GPT (and SmolLM2 from the cpu profile on): every strategy on held-out Austen prompts.

@@ -31,8 +31,8 @@ TOKEN_COLUMNS = ("tokens", "pos", "spans", "genre")
 # A coarse tag set in the spirit of the universal tags (Petrov et al., 2012), read from the raw Brown tag's prefix.
 # The first rule with a matching prefix wins; a tag no rule matches is X.
 _COARSE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("PROPN", ("np", "nr")),
-    ("NOUN", ("nn",)),
+    ("PROPN", ("np",)),
+    ("NOUN", ("nn", "nr")),  # nr: adverbial nouns (home, today, west, Monday), NOUN in the universal mapping
     ("AUX", ("be", "do", "hv", "md")),
     ("VERB", ("vb",)),
     ("ADJ", ("jj", "od")),
@@ -309,6 +309,69 @@ def span_scores(true: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) ->
     recall = hits / n_true if n_true else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def sentence_counts(true: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], task: str) -> np.ndarray:
+    """One row of counts per sentence, from which a task's score over any set of sentences is a ratio of sums.
+
+    `pos`: (words tagged right, words, 0), so accuracy = sum(col 0) / sum(col 1). `spans`: (spans predicted
+    exactly, predicted spans, true spans), so entity F1 = 2 sum(col 0) / (sum(col 1) + sum(col 2)), which is
+    2PR / (P + R) written with counts.
+    """
+    if task not in TASKS:
+        raise MfkitError(f"Unknown task {task!r}.", f"pass one of {sorted(TASKS)}.")
+    if len(true) != len(pred):
+        raise MfkitError(
+            f"{len(true)} true sentences but {len(pred)} predicted.", "pass one sequence per sentence."
+        )
+    rows = []
+    for t, p in zip(true, pred, strict=True):
+        if task == "pos":
+            rows.append((sum(a == b for a, b in zip(t, p, strict=True)), len(t), 0))
+        else:
+            gold, guess = bio_spans(t), bio_spans(p)
+            rows.append((len(gold & guess), len(guess), len(gold)))
+    return np.asarray(rows, dtype=float).reshape(-1, 3)
+
+
+def score_from_counts(counts: np.ndarray, task: str) -> float:
+    """POS accuracy or entity F1 of the sentences whose `sentence_counts` rows are `counts`."""
+    total = np.asarray(counts).sum(axis=0)
+    if task == "pos":
+        return float(total[0] / total[1]) if total[1] else 0.0
+    return float(2 * total[0] / (total[1] + total[2])) if total[1] + total[2] else 0.0
+
+
+def compare_taggers(
+    predictions_a: Mapping[str, tuple[list, list]],
+    predictions_b: Mapping[str, tuple[list, list]],
+    task: str,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Tagger a against tagger b on the same test sentences, by `evaluation.compare_methods`.
+
+    `predictions_*` are `predict_tags` outputs on the same sentences; `task` is "pos" (word accuracy) or "spans"
+    (entity F1). The bootstrap resamples whole *sentences*, not words: the words of a sentence are not
+    independent, and a span never crosses a sentence. Returns `compare_methods`' dict (a, b, difference, interval,
+    verdict, summary); a and b equal `tagging_scores`' figures.
+    """
+    from .evaluation import compare_methods
+
+    (true_a, pred_a), (true_b, pred_b) = predictions_a[task], predictions_b[task]
+    if true_a != true_b:
+        raise MfkitError(
+            "The two taggers were scored on different sentences.",
+            "predict both on the same unshuffled loader.",
+        )
+    counts = np.concatenate([sentence_counts(true_a, pred_a, task), sentence_counts(true_b, pred_b, task)])
+    n = len(true_a)
+
+    def metric(_labels: np.ndarray, rows: np.ndarray) -> float:
+        return score_from_counts(counts[np.asarray(rows, dtype=int)], task)
+
+    # a's sentences are rows 0..n-1 of `counts` and b's rows n..2n-1: resampling positions keeps them paired
+    return compare_methods(np.zeros(n), np.arange(n), np.arange(n) + n, metric, n_resamples, seed=seed)
 
 
 def tagging_scores(predictions: Mapping[str, tuple[list, list]]) -> dict[str, float]:

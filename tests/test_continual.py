@@ -243,3 +243,23 @@ def test_fit_passes_counts_compute_and_easy_first_order_keeps_the_class_share():
     assert thirds == pytest.approx([1 / 3] * 3, abs=0.04)
     with pytest.raises(MfkitError, match="difficulty"):
         easy_first_order(labels, groups, {"ham-a": 0.0})
+
+
+def test_block_losses_average_to_token_nll_and_compare_as_a_metric():
+    from mfkit.continual import block_losses, mean_loss
+    from mfkit.evaluation import compare_methods
+    from mfkit.lm import build_tiny_gpt, tiny_gpt_config
+    from mfkit.metrics import token_nll
+
+    torch.manual_seed(0)
+    model = build_tiny_gpt(tiny_gpt_config(vocab_size=50, block_size=8, n_layer=1, n_embd=16, n_head=2))
+    blocks = Dataset.from_dict({"input_ids": torch.randint(50, (12, 8)).tolist()})
+    blocks = blocks.add_column("labels", blocks["input_ids"])
+    loader = make_loader(blocks, 5, block_collate, shuffle=False)
+    losses = block_losses(model, loader)
+    total, count = token_nll(model, loader)
+    assert losses.shape == (12,)
+    assert losses.mean() == pytest.approx(total / count, rel=1e-5)  # equal blocks: the mean is the token mean
+    same = compare_methods(np.zeros(12), losses, losses, metric=mean_loss)
+    assert same["verdict"] == "no clear difference" and same["difference"] == 0
+    assert compare_methods(np.zeros(12), losses + 1.0, losses, metric=mean_loss)["verdict"] == "above"

@@ -211,7 +211,7 @@ def test_a_profile_limit_can_be_set_back_to_all(tmp_path, test_table):
 
 def test_zero_switches_a_regularizer_off_but_not_a_learning_rate():
     knobs = mfkit.profiles.resolve_knobs(
-        "15_evaluation-regularization", "smoke", dropout=0, weight_decay=0.0, l1=0, label_smoothing=0.0
+        "10_regularization", "smoke", dropout=0, weight_decay=0.0, l1=0, label_smoothing=0.0
     )
     assert (knobs["dropout"], knobs["weight_decay"], knobs["l1"], knobs["label_smoothing"]) == (
         0,
@@ -219,5 +219,5 @@ def test_zero_switches_a_regularizer_off_but_not_a_learning_rate():
         0,
         0.0,
     )
-    with pytest.raises(MfkitError, match="reg_lr=0"):
-        mfkit.profiles.resolve_knobs("15_evaluation-regularization", "smoke", reg_lr=0)
+    with pytest.raises(MfkitError, match="lr=0"):
+        mfkit.profiles.resolve_knobs("10_regularization", "smoke", lr=0)

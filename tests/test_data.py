@@ -118,7 +118,7 @@ def spam_input_lengths() -> set[int]:
     lengths = set()
     for profile in PROFILE_NAMES:
         lengths.add(profile_knobs("03_full-finetuning", profile)["max_length"])
-        lengths.add(profile_knobs("15_evaluation-regularization", profile)["reg_max_length"])
+        lengths.add(profile_knobs("10_regularization", profile)["max_length"])
     return lengths
 
 

@@ -6,9 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import f1_score
-from torch import nn
 
 from mfkit import evaluation as ev
 from mfkit.errors import MfkitError
@@ -175,35 +173,6 @@ def test_save_threshold_writes_json_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["threshold.json"]
     with pytest.raises(MfkitError, match="threshold"):
         ev.save_threshold(tmp_path / "t.json", temperature=1.0)
-
-
-class _Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(3, 2)
-
-    def forward(self, x, labels=None):
-        logits = self.linear(x)
-        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
-        return type("Out", (), {"logits": logits, "loss": loss})()
-
-
-def test_l1_and_label_smoothing_losses():
-    torch.manual_seed(0)
-    model = _Tiny()
-    batch = {"x": torch.randn(4, 3), "labels": torch.tensor([0, 1, 1, 0])}
-    with torch.no_grad():
-        plain = model(**batch).loss
-        l1 = ev.with_l1(0.5)(model, batch)
-        smooth = ev.label_smoothing_loss(0.2)(model, batch)
-        logp = torch.log_softmax(model(batch["x"]).logits, -1)
-    assert float(l1) == pytest.approx(float(plain) + 0.5 * float(model.linear.weight.detach().abs().sum()))
-    target = torch.full((4, 2), 0.1)
-    target[torch.arange(4), batch["labels"]] = 0.9
-    assert float(smooth) == pytest.approx(float(-(target * logp).sum(-1).mean()), rel=1e-6)
-    assert ev.decayed_weights(model) == [model.linear.weight]
-    with pytest.raises(MfkitError):
-        ev.label_smoothing_loss(1.0)
 
 
 def test_choose_variant_keeps_the_best_on_validation_and_breaks_ties_by_order():

@@ -93,7 +93,23 @@ def test_every_memory_shape_has_an_fp16_estimate(shape):
 
 def test_the_memory_table_covers_every_notebook_that_trains_or_generates():
     covered = {nb.strip().split()[0] for s in gpucheck.memory_shapes() for nb in s.notebooks.split(",")}
-    assert covered == {"02", "03", "04", "05", "06", "08", "09", "11", "12", "14", "15", "16", "18", "19"}
+    assert covered == {
+        "02",
+        "03",
+        "04",
+        "05",
+        "06",
+        "07",
+        "08",
+        "09",
+        "10",
+        "11",
+        "12",
+        "14",
+        "16",
+        "18",
+        "19",
+    }
 
 
 GPU_DRY_RUN_AMOUNTS = [

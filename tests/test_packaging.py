@@ -140,7 +140,7 @@ def test_ci_setup_installs_torch_once_then_the_kit_through_the_installer(tmp_pat
     if not torch_installed:
         assert installs_torch[0].endswith(chosen or TORCH)
     (kit,) = [line for line in calls if line.startswith("install ")]
-    assert kit.endswith("-e .[models,search,quantize,serve,lab,dev]"), calls
+    assert kit.endswith("-e .[models,search,quantize,serve,lab,dev,align]"), calls
     assert "bootstrap -m mfkit.bootstrap" in calls and calls.index(kit) < calls.index(
         "bootstrap -m mfkit.bootstrap"
     )

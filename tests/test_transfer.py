@@ -81,6 +81,7 @@ def test_collator_pads_every_task_with_ignore(tokenizer):
 def test_coarse_tags():
     cases = {"np-tl": "PROPN", "nns": "NOUN", "vbd": "VERB", "bez": "AUX", "pps+bez": "PRON", "at": "DET"}
     cases |= {",-hl": "PUNCT", "--": "PUNCT", "fw-nn": "X", "cd": "NUM", "in": "ADP", "*": "ADV", "to": "PRT"}
+    cases |= {"nr": "NOUN", "nrs": "NOUN", "nr-tl": "NOUN", "nps": "PROPN"}  # adverbial nouns are not names
     assert {raw: coarse_tag(raw) for raw in cases} == cases
 
 
@@ -162,3 +163,24 @@ def test_bad_input_names_the_problem():
     with pytest.raises(MfkitError, match="Unknown genre"):
         genre_subset(Dataset.from_dict(SENTENCES), ["poetry"])
     assert len(genre_subset(Dataset.from_dict(SENTENCES), ["news"])) == 1
+
+
+def test_compare_taggers_resamples_sentences_and_scores_like_tagging_scores():
+    from mfkit.transfer import compare_taggers, tagging_scores
+
+    true = [["B-NAME", "I-NAME", "O", "B-NAME"], ["O", "B-NAME", "I-NAME", "I-NAME"], ["B-NAME", "O"]] * 5
+    good = [["B-NAME", "I-NAME", "O", "B-NAME"], ["O", "B-NAME", "I-NAME", "I-NAME"], ["B-NAME", "O"]] * 5
+    poor = [["B-NAME", "I-NAME", "O", "O"], ["O", "B-NAME", "I-NAME", "O"], ["I-NAME", "B-NAME"]] * 5
+    pos_true = [["NOUN", "VERB"], ["DET", "NOUN", "PUNCT"]] * 6
+    pos_pred = [["NOUN", "NOUN"], ["DET", "NOUN", "PUNCT"]] * 6
+    a = {"spans": (true, good), "pos": (pos_true, pos_true)}
+    b = {"spans": (true, poor), "pos": (pos_true, pos_pred)}
+    spans = compare_taggers(a, b, "spans")
+    assert spans["a"] == pytest.approx(tagging_scores(a)["entity_f1"])
+    assert spans["b"] == pytest.approx(tagging_scores(b)["entity_f1"])
+    assert spans["verdict"] == "above" and spans["low"] > 0
+    pos = compare_taggers(b, a, "pos")
+    assert pos["b"] == 1.0 and pos["a"] == pytest.approx(tagging_scores(b)["pos_accuracy"])
+    assert compare_taggers(a, a, "spans")["verdict"] == "no clear difference"
+    with pytest.raises(MfkitError, match="different sentences"):
+        compare_taggers(a, {"spans": (true[:-1], good[:-1])}, "spans")

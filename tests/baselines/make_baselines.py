@@ -50,7 +50,18 @@ CROSS_MACHINE = (
 # best_forgetting_cut (True on the AVX-512 kind, False on the AVX2 kind), 19's sampling-vs-human verdict compares
 # two perplexities 1.5% apart in a smoke run, while those move 11-22% between the kinds.
 QUOTED_MEASUREMENT = re.compile(r"\d\.\d{2,}")  # e.g. 09's verdicts: "at 5% +0.020 [-0.041, +0.083], ..."
-RATIOS_OF_SMALL_DIFFERENCES = ("_forgetting_cut", "_gain_kept", "forgetting_halved", "_vs_human")
+# 10's test cross-entropy differences against none (and their verdicts) and gap shares are differences of losses
+# a few 1e-4 apart at smoke scale; the variant it keeps on validation is decided by such a difference.
+RATIOS_OF_SMALL_DIFFERENCES = (
+    "_forgetting_cut",
+    "_gain_kept",
+    "forgetting_halved",
+    "_vs_human",
+    "_gap_closed",
+    "_test_ce_v",
+    "_test_ce_reading",
+    "kept_on_validation",
+)
 
 
 def tolerance(name: str, value: float) -> dict[str, float]:
