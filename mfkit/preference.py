@@ -285,6 +285,14 @@ def with_reference_logps(tokenized: Any, reference: nn.Module, tokenizer: Any, b
 # The losses, on log-probabilities (tensors of one value per pair); each returns the mean over the pairs
 
 
+def log_ratio_margin(
+    chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor
+) -> torch.Tensor:
+    """log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l): the margin DPO and IPO act on (the implicit rewards'
+    difference over beta)."""
+    return (chosen - ref_chosen) - (rejected - ref_rejected)
+
+
 def dpo_loss(
     chosen: torch.Tensor,
     rejected: torch.Tensor,
@@ -294,7 +302,7 @@ def dpo_loss(
 ) -> torch.Tensor:
     """DPO (Rafailov et al., 2023): -log sigmoid(beta * margin of the log-ratios to the reference).
     log 2 where the policy equals the reference."""
-    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    margin = log_ratio_margin(chosen, rejected, ref_chosen, ref_rejected)
     return -F.logsigmoid(beta * margin).mean()
 
 
@@ -308,7 +316,7 @@ def ipo_loss(
     """IPO (Azar et al., 2023): (margin of the log-ratios - 1 / (2 beta))^2, a regression of the margin to a
     fixed target instead of DPO's ever-growing one. 1 / (4 beta^2) where the policy equals the reference. Pass
     per-token mean log-probs (what trl's IPO and the paper's experiments use) or sums."""
-    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    margin = log_ratio_margin(chosen, rejected, ref_chosen, ref_rejected)
     return ((margin - 1 / (2 * beta)) ** 2).mean()
 
 
