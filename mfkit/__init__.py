@@ -10,18 +10,21 @@ The names most notebooks need are importable from here; each lives in a small mo
 - `load_data` (data), `load_model`, `load_tokenizer` (models) — offline-first data and models
 """
 
-from .env import seed_everything, setup
+# Only the standard-library modules load eagerly: the setup cell imports `mfkit.bootstrap` to repair an install
+# whose dependencies (numpy, transformers, ...) are missing, so `import mfkit` itself must not need them.
 from .errors import MfkitError
-from .profiles import configure
-from .results import record
 
 __all__ = ["MfkitError", "configure", "record", "seed_everything", "setup"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """Import the heavier modules (transformers, datasets) only when a notebook first asks for them."""
+    """Import the modules that need the kit's dependencies (torch, transformers, ...) when first asked for."""
     lazy = {
+        "setup": "env",
+        "seed_everything": "env",
+        "configure": "profiles",
+        "record": "results",
         "fit": "training",
         "TrainConfig": "training",
         "Callback": "training",
@@ -32,8 +35,11 @@ def __getattr__(name: str):
         "make_loader": "loaders",
         "takeaways": "report",
     }
-    if name in lazy:
-        import importlib
+    import importlib
+    import importlib.util
 
+    if name in lazy:
         return getattr(importlib.import_module(f".{lazy[name]}", __name__), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # `mfkit.profiles` without importing it first
     raise AttributeError(f"module 'mfkit' has no attribute {name!r}")

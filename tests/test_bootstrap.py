@@ -225,6 +225,51 @@ def test_ensure_installs_only_what_is_missing(monkeypatch):
     assert bootstrap.ensure(quiet=True) == [] and calls == []  # all present: no pip at all
 
 
+def test_missing_dependencies_reads_the_kits_own_requirements_not_its_extras(monkeypatch):
+    declared = [
+        "numpy>=1.24",
+        "surely-absent-package>=1.0",
+        'trl>=1.16; extra == "align"',
+        "ancient-backport>=1; python_version < '3.0'",
+    ]
+    monkeypatch.setattr(bootstrap.importlib.metadata, "requires", lambda name: declared)
+    assert bootstrap.missing_dependencies() == ["surely-absent-package"]
+
+
+def test_an_interrupted_setup_cell_is_completed_on_the_next_run(monkeypatch):
+    """The setup cell's second step (`install.py SOURCE`) failed: the kit is importable, datasets is not. The rerun
+    skips the first step (mfkit is found), so `ensure` must install the kit's dependencies from the same source."""
+    absent, calls = ["datasets"], []
+    monkeypatch.setattr(bootstrap, "missing_dependencies", lambda: list(absent))
+    monkeypatch.setattr(bootstrap, "missing", lambda packages=bootstrap.EMBEDDED: [])
+    monkeypatch.setattr(bootstrap, "in_clone", lambda: False)
+    monkeypatch.setenv(bootstrap.SOURCE_ENV, "/wheels/mfkit-0.1.0-py3-none-any.whl")
+    monkeypatch.delenv(install.LATEST_ENV, raising=False)
+    monkeypatch.setattr(
+        bootstrap,
+        "pip_install",
+        lambda args, constraints=None: (calls.append((args, constraints)), absent.clear()),
+    )
+    assert bootstrap.ensure(quiet=True) == ["datasets"]
+    assert calls == [(["/wheels/mfkit-0.1.0-py3-none-any.whl"], install.CONSTRAINTS)]
+    assert bootstrap.ensure(quiet=True) == [] and len(calls) == 1  # complete now: nothing more to do
+
+
+def test_a_clone_missing_dependencies_is_told_to_run_its_setup(monkeypatch):
+    monkeypatch.setattr(bootstrap, "missing_dependencies", lambda: ["datasets"])
+    monkeypatch.setattr(
+        bootstrap, "pip_install", lambda *a, **k: pytest.fail("a clone must not be reinstalled")
+    )
+    with pytest.raises(MfkitError, match=r"(?s)datasets.*\.ci/setup"):
+        bootstrap.ensure(quiet=True)
+
+
+def test_the_bootstrap_imports_without_the_kits_dependencies():
+    """`import mfkit.bootstrap` is what an interrupted install can still run: it must need no third-party module."""
+    code = "import sys, mfkit.bootstrap; print(sorted({'numpy', 'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
 def test_ensure_in_this_environment_is_a_no_op():
     assert bootstrap.missing() == []
     assert bootstrap.ensure() == []
