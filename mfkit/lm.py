@@ -97,11 +97,6 @@ def build_tiny_gpt(config: GPT2Config) -> GPT2LMHeadModel:
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters (a tied matrix counts once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The data: one token stream, cut into blocks
 

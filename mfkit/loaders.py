@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import MfkitError, check_positive
@@ -109,18 +110,22 @@ def pad_collate(pad_id: int, label_pad_id: int = -100) -> Callable[[Sequence[dic
     """Dynamic padding: pad each batch only to its own longest sequence.
 
     Sequence fields (`input_ids`, `attention_mask`, `token_type_ids`, list `labels`) are right-padded; scalar
-    `labels` become a 1-D tensor. Padded label positions get -100, which cross-entropy ignores.
+    `labels` become a 1-D tensor. Padded label positions get -100, which cross-entropy ignores. Kept instead of
+    transformers' collators because one function serves classification, language-model and tagging rows alike
+    and needs no tokenizer object (`DataCollatorWithPadding` pads no list labels; the token-classification and
+    seq2seq collators need a tokenizer, which the tests' tiny models and the DDP workers do not have).
     """
 
     def collate(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
         batch: dict[str, torch.Tensor] = {}
         for key in rows[0]:
             values = [r[key] for r in rows]
             if isinstance(values[0], list | tuple):
                 fill = {"input_ids": pad_id, "labels": label_pad_id}.get(key, 0)
-                values = [list(v) + [fill] * (longest - len(v)) for v in values]
-            batch[key] = torch.tensor(values)
+                sequences = [torch.tensor(v) for v in values]
+                batch[key] = pad_sequence(sequences, batch_first=True, padding_value=fill)
+            else:
+                batch[key] = torch.tensor(values)
         return batch
 
     return collate

@@ -46,18 +46,14 @@ def plot_learning_rates(history: History, group_names: Sequence[str] | None = No
 
 
 def plot_confusion(matrix: np.ndarray, labels: Sequence[str], ax=None, title: str = "confusion matrix"):
-    """A confusion matrix with counts in each cell (rows: true class, columns: predicted)."""
+    """A confusion matrix with counts in each cell (rows: true class, columns: predicted), drawn by
+    scikit-learn's `ConfusionMatrixDisplay`."""
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     ax = ax or plt.subplots(figsize=(3.5, 3.2))[1]
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), value in np.ndenumerate(matrix):
-        ax.text(
-            j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black"
-        )
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(labels)).plot(
+        ax=ax, cmap="Blues", colorbar=False, values_format="d"
+    )
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     return ax
