@@ -1,4 +1,5 @@
-"""What the notebooks claim: they name only notebooks that exist, and their takeaways quote only this run's numbers."""
+"""What the notebooks claim: they name only notebooks that exist, their takeaways quote only this run's numbers, and
+the cells that read the results state no outcome the run has not decided."""
 
 from __future__ import annotations
 
@@ -88,6 +89,49 @@ def test_takeaways_quote_only_recorded_numbers(path: Path) -> None:
     )
 
 
+# An outcome word ("DPO is better", "the sweep is faster"), unless it is hedged into what to look for (a condition, a
+# question, an instruction to read or compare) or filled from the ledger by a placeholder.
+COMPARATIVE = re.compile(
+    r"\b(better|worse|beats?|outperform\w*|wins?|higher|lower|faster|slower|more accurate|less accurate"
+    r"|improves?|improved|hurts?|helps?|helped)\b(?!-)",
+    re.IGNORECASE,
+)
+HEDGED = re.compile(
+    r"\b(if|where|when|whether|unless|look for|look at|read|check|compare|can|could|may|might|should|would"
+    r"|expect\w*|typically|usually|often|tends?)\b|\?|\{",
+    re.IGNORECASE,
+)
+
+
+def _unhedged_comparisons(path: Path) -> list[str]:
+    """Sentences of the Markdown cells after the first recorded result (Takeaways and Exercises aside, tables and
+    math left out) that state a comparative outcome as fact: the run decides those, so they read from the ledger
+    or say what to look for."""
+    found, results_seen = [], False
+    for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        if cell.cell_type == "code":
+            results_seen = results_seen or "record(" in cell.source
+            continue
+        if not results_seen or "## Takeaways" in cell.source or "## Exercises" in cell.source:
+            continue
+        text = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith("|"))
+        text = re.sub(r"\$[^$]*\$|`[^`]*`", " ", text)
+        for sentence in re.split(r"(?<=[.!;])\s+|\n- ", text):
+            if COMPARATIVE.search(sentence) and not HEDGED.search(sentence):
+                found.append(f"cell {index}: {' '.join(sentence.split())[:160]}")
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_interpretation_cells_do_not_fix_the_outcome(path: Path) -> None:
+    found = _unhedged_comparisons(path)
+    assert not found, (
+        f"{path.name} states outcomes the run decides, outside its takeaways; fill them from the ledger "
+        "(mfkit.takeaways / a {placeholder}) or say what to look for (if ..., compare ...):\n"
+        + "\n".join(found)
+    )
+
+
 def test_fill_quotes_recorded_values_and_refuses_unrecorded_ones() -> None:
     assert (
         fill("F1 {f1:.3f} after {steps} steps", {"f1": 0.96251, "steps": 200}) == "F1 0.963 after 200 steps"
@@ -108,3 +152,21 @@ def test_the_checks_catch_typed_numbers_and_unknown_notebooks(tmp_path: Path) ->
         test_takeaways_quote_only_recorded_numbers(bad)
     with pytest.raises(AssertionError, match="42"):
         test_prose_names_only_notebooks_that_exist(bad)
+
+
+def test_the_check_catches_a_fixed_verdict_after_the_results(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_markdown_cell(
+            "DPO is better than SFT here."
+        ),  # before any result: the idea, not a verdict
+        nbformat.v4.new_code_cell("mfkit.record('dpo_accuracy', 0.7)"),
+        nbformat.v4.new_markdown_cell(
+            "**Reading it.** DPO is clearly better than SFT. Check whether IPO is faster."
+        ),
+    ]
+    bad = tmp_path / "99_bad.ipynb"
+    nbformat.write(nb, bad)
+    assert _unhedged_comparisons(bad) == ["cell 2: **Reading it.** DPO is clearly better than SFT."]
+    with pytest.raises(AssertionError, match="clearly better"):
+        test_interpretation_cells_do_not_fix_the_outcome(bad)
