@@ -59,24 +59,32 @@ def _value(results: Mapping[str, Any], key: str | None) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else np.nan
 
 
+def _ledgers(artifacts: str | Path, notebooks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each notebook's recorded results ({} where it has not run)."""
+    found = {}
+    for notebook in dict.fromkeys(notebooks):
+        try:
+            found[notebook] = load_results(notebook, artifacts)
+        except (MfkitError, FileNotFoundError):
+            found[notebook] = {}
+    return found
+
+
+def _status(step: Step, results: Mapping[str, Any], score: float) -> str:
+    if not results:
+        return f"not run: run notebook {step.notebook} first"
+    if np.isnan(score):
+        return f"{step.notebook} recorded no {step.f1!r}"
+    return "ok"
+
+
 def waterfall(artifacts: str | Path, steps: Sequence[Step] = STEPS) -> pd.DataFrame:
     """One row per step: test F1, its difference to full fine-tuning, training seconds, and what was missing."""
+    ledgers = _ledgers(artifacts, [step.notebook for step in steps])
     rows = []
-    cache: dict[str, dict[str, Any]] = {}
     for step in steps:
-        if step.notebook not in cache:
-            try:
-                cache[step.notebook] = load_results(step.notebook, artifacts)
-            except (MfkitError, FileNotFoundError):
-                cache[step.notebook] = {}
-        results = cache[step.notebook]
+        results = ledgers[step.notebook]
         f1 = _value(results, step.f1)
-        if not results:
-            status = f"not run: run notebook {step.notebook} first"
-        elif np.isnan(f1):
-            status = f"{step.notebook} recorded no {step.f1!r}"
-        else:
-            status = "ok"
         rows.append(
             {
                 "step": step.name,
@@ -85,12 +93,61 @@ def waterfall(artifacts: str | Path, steps: Sequence[Step] = STEPS) -> pd.DataFr
                 "train seconds": _value(results, step.seconds),
                 "model folder": step.folder or "",
                 "servable": step.servable and step.folder is not None,
-                "status": status,
+                "status": _status(step, results, f1),
             }
         )
     table = pd.DataFrame(rows).set_index("step")
     full = table.loc[table["model folder"] == "03-classifier", "test F1"]
     table.insert(2, "F1 - full", table["test F1"] - (full.iloc[0] if len(full) else np.nan))
+    return table
+
+
+# The generation track (06 -> 07): chrF of the greedy answers against the Basic English references. 06 and 07 score
+# different test verses (each picks EVAL_VERSES of them evenly), so 07 first scores 06's model on its own verses
+# ("start"), and differences are taken only against that row, on the same verses. `f1` holds the chrF key.
+GENERATION_STEPS: tuple[Step, ...] = (
+    Step("copy the KJV verse", "06_instruction-tuning", "copy_chrf"),
+    Step("zero-shot SmolLM2", "06_instruction-tuning", "zero_shot_chrf"),
+    Step("LoRA SFT", "06_instruction-tuning", "lora_chrf", "train_seconds", "06-smollm2-verse-lora", False),
+    Step("06's model, 07's verses", "07_preference-alignment", "start_chrf"),
+    Step("SFT, more steps", "07_preference-alignment", "sft_chrf"),
+    Step("DPO", "07_preference-alignment", "dpo_chrf", None, "07-smollm2-verse-dpo", False),
+    Step("IPO", "07_preference-alignment", "ipo_chrf"),
+    Step("SimPO", "07_preference-alignment", "simpo_chrf"),
+    Step("ORPO", "07_preference-alignment", "orpo_chrf"),
+)
+GENERATION_START = "06's model, 07's verses"
+
+
+def generation_waterfall(artifacts: str | Path, steps: Sequence[Step] = GENERATION_STEPS) -> pd.DataFrame:
+    """One row per step of the generation track: chrF, chrF against the input (copying), the archaic-word share
+    and the held-out implicit-reward accuracy where the notebook recorded them, the difference in chrF to
+    06's model on the same verses (07's rows only), and what was missing."""
+    ledgers = _ledgers(artifacts, [step.notebook for step in steps])
+    rows = []
+    for step in steps:
+        results = ledgers[step.notebook]
+        key = step.f1.removesuffix("_chrf")
+        chrf = _value(results, step.f1)
+        rows.append(
+            {
+                "step": step.name,
+                "notebook": step.notebook[:2],
+                "chrF": chrf,
+                "chrF to input": _value(results, f"{key}_chrf_to_input"),
+                "archaic share": _value(results, f"{key}_archaic_rate"),
+                "reward accuracy": _value(results, f"{key}_reward_accuracy"),
+                "train seconds": _value(results, step.seconds),
+                "model folder": step.folder or "",
+                "status": _status(step, results, chrf),
+            }
+        )
+    table = pd.DataFrame(rows).set_index("step")
+    same_verses = table["notebook"] == (
+        table.loc[GENERATION_START, "notebook"] if GENERATION_START in table.index else ""
+    )
+    start = table.loc[GENERATION_START, "chrF"] if GENERATION_START in table.index else np.nan
+    table.insert(3, "chrF - start", (table["chrF"] - start).where(same_verses))
     return table
 
 

@@ -57,6 +57,9 @@ class Notebook:
     path: Path
     requires: tuple[str, ...] = ()
     parameters: frozenset[str] = frozenset()
+    after: tuple[
+        str, ...
+    ] = ()  # read where they ran, not needed: waited for side by side, never a reason to skip
 
 
 @dataclass
@@ -103,12 +106,13 @@ def _read(path: Path) -> Any:
         ) from exc
 
 
-def _requires(path: Path, meta: Mapping[str, Any]) -> tuple[str, ...]:
-    """The notebook stems listed in `metadata["mfkit"]["requires"]` of a notebook."""
-    requires = meta.get("mfkit", {}).get("requires", [])
+def _requires(path: Path, meta: Mapping[str, Any], key: str = "requires") -> tuple[str, ...]:
+    """The notebook stems listed in `metadata["mfkit"][key]` of a notebook: `requires` (the notebooks it needs)
+    or `after` (the notebooks whose results it reads where they ran, e.g. 20's waterfall)."""
+    requires = meta.get("mfkit", {}).get(key, [])
     if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
         raise MfkitError(
-            f"{path.name}: metadata['mfkit']['requires'] must be a list of notebook names, got {requires!r}.",
+            f"{path.name}: metadata['mfkit'][{key!r}] must be a list of notebook names, got {requires!r}.",
             'write it as e.g. ["01_data-and-tokenizers"].',
         )
     return tuple(requires)
@@ -156,11 +160,19 @@ def discover(folder: str | os.PathLike | None = None) -> list[Notebook]:
         )
     read = {p: _read(p) for p in paths}
     found = [
-        Notebook(p.name[:2], p.stem, p, _requires(p, nb.metadata), _parameters(nb)) for p, nb in read.items()
+        Notebook(
+            p.name[:2],
+            p.stem,
+            p,
+            _requires(p, nb.metadata),
+            _parameters(nb),
+            _requires(p, nb.metadata, "after"),
+        )
+        for p, nb in read.items()
     ]
     stems = {nb.stem for nb in found}
     for nb in found:
-        unknown = [r for r in nb.requires if r not in stems]
+        unknown = [r for r in (*nb.requires, *nb.after) if r not in stems]
         if unknown:
             raise MfkitError(
                 f"{nb.path.name} requires {unknown}, which {'is' if len(unknown) == 1 else 'are'} not in {folder}.",
@@ -614,13 +626,14 @@ def _run_side_by_side(
     timeout: float | None,
     log_output: bool,
 ) -> None:
-    """Run `chosen` in up to `jobs` kernels at once, each notebook once every chosen notebook it needs is done.
+    """Run `chosen` in up to `jobs` kernels at once, each notebook once every chosen notebook it needs (or reads,
+    `after`) is done.
 
     The waiting notebook that most others need starts first (ties: number order), so long dependency paths
     begin early.
     """
     names = {nb.stem for nb in chosen}
-    needs = {nb.stem: prerequisites(nb.stem, graph) & names for nb in chosen}
+    needs = {nb.stem: (prerequisites(nb.stem, graph) | set(nb.after)) & names for nb in chosen}
     weight = _dependents(graph)
     waiting = sorted(chosen, key=lambda nb: (-weight.get(nb.stem, 0), nb.number))
     running: dict[Future[Outcome], Notebook] = {}

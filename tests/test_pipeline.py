@@ -32,6 +32,33 @@ def test_the_waterfall_reads_each_step_and_names_what_did_not_run(tmp_path):
     assert table.loc["full fine-tuning", "status"] == "ok"
 
 
+def test_the_generation_waterfall_compares_only_rows_scored_on_the_same_verses(tmp_path):
+    write_ledger(
+        tmp_path,
+        "06_instruction-tuning",
+        {"copy_chrf": 41.0, "zero_shot_chrf": 9.0, "lora_chrf": 40.0, "lora_chrf_to_input": 60.0},
+    )
+    write_ledger(
+        tmp_path,
+        "07_preference-alignment",
+        {
+            "start_chrf": 38.0,
+            "sft_chrf": 39.0,
+            "dpo_chrf": 42.5,
+            "dpo_archaic_rate": 0.01,
+            "dpo_reward_accuracy": 0.8,
+        },
+    )
+    table = pipeline.generation_waterfall(tmp_path)
+    assert table.loc["DPO", "chrF - start"] == pytest.approx(4.5)
+    assert table.loc["SFT, more steps", "chrF - start"] == pytest.approx(1.0)
+    assert np.isnan(table.loc["LoRA SFT", "chrF - start"])  # 06's verses are not 07's: no difference taken
+    assert table.loc["LoRA SFT", "chrF to input"] == 60.0
+    assert (table.loc["DPO", "archaic share"], table.loc["DPO", "reward accuracy"]) == (0.01, 0.8)
+    assert table.loc["ORPO", "status"] == "07_preference-alignment recorded no 'orpo_chrf'"
+    assert table.loc["DPO", "model folder"] == "07-smollm2-verse-dpo"
+
+
 def test_choose_takes_the_fastest_model_within_the_tolerance_on_validation(tmp_path):
     # the test F1s say "fast but bad" is bad; the choice must not read them, only the validation predictions
     write_ledger(tmp_path, "03_full-finetuning", {"baseline_f1": 0.5, "test_f1": 0.95})
@@ -96,3 +123,15 @@ def test_the_serving_rule_is_12s_only_for_the_model_12_tuned(tiny_classifier_dir
 def test_a_server_that_cannot_start_says_why(tmp_path):
     with pytest.raises(MfkitError, match="stopped before listening"), serve.running_server(tmp_path):
         pass
+
+
+def test_notebook_20_runs_after_every_notebook_its_tables_read():
+    """With `mfkit run --jobs 2`, 20 must not start while a notebook whose results its waterfalls read still
+    runs (a smoke chain once exported without 18's rows); `after` orders it without making them required."""
+    import nbformat
+
+    from mfkit.paths import notebooks_dir
+
+    meta = nbformat.read(notebooks_dir() / "20_pipeline-serving.ipynb", as_version=4).metadata["mfkit"]
+    read = {step.notebook for step in (*pipeline.STEPS, *pipeline.GENERATION_STEPS)} | {"15_evaluation"}
+    assert read <= {*meta["requires"], *meta["after"]}

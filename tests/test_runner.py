@@ -282,6 +282,38 @@ def test_side_by_side_waits_for_prerequisites_and_overlaps_the_rest(
     assert two.summary["machine"]["kind"]
 
 
+def test_side_by_side_waits_for_the_notebooks_read_after_but_runs_when_they_fail(
+    fake_papermill: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`after` (as 20's waterfall reads 18's results): with jobs=2 the reader starts once they end, and runs even
+    where one of them failed (a `requires` would skip it)."""
+    spans: dict[str, tuple[float, float]] = {}
+    stub = papermill.execute_notebook
+
+    def timed(input_path: Path, output_path: Path, **kwargs: Any) -> None:
+        started = time.monotonic()
+        time.sleep(0.3 if Path(input_path).stem == "01_slow-boom" else 0.0)
+        try:
+            stub(input_path, output_path, **kwargs)
+        finally:
+            spans[Path(input_path).stem] = (started, time.monotonic())
+
+    monkeypatch.setattr(papermill, "execute_notebook", timed)
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    make_notebook(folder, "01_slow-boom", 'raise ValueError("boom on purpose")')
+    reader = make_notebook(folder, "02_reader", RECORD.format(stem="02_reader"))
+    nb = nbformat.read(reader, as_version=4)
+    nb.metadata["mfkit"] = {"after": ["01_slow-boom"]}
+    nbformat.write(nb, reader)
+    report = runner.run_chain(notebooks=folder, output=tmp_path / "out", jobs=2)
+    assert {s: e["status"] for s, e in report.summary["notebooks"].items()} == {
+        "01_slow-boom": "failed",
+        "02_reader": "ok",
+    }
+    assert spans["02_reader"][0] >= spans["01_slow-boom"][1]
+
+
 def test_side_by_side_refuses_notebooks_that_require_each_other(
     fake_papermill: list[dict[str, Any]], tmp_path: Path
 ) -> None:
