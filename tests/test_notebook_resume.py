@@ -68,7 +68,7 @@ def test_killed_notebook_resumes_to_identical_weights(tmp_path: Path) -> None:
     assert not list(resumed.glob(CHECKPOINTS))  # a finished run leaves nothing to resume
 
 
-SEARCH_PARAMS = ["--param", "GRID={'lr': 4}", "TRIAL_EXAMPLES=64"]  # 4 trials per searcher
+SEARCH_PARAMS = ["--param", "GRID={'lr': 3}", "TRIAL_EXAMPLES=64"]  # 3 trials per searcher
 STUDIES = "artifacts/14-search/studies.db"
 
 
@@ -96,11 +96,11 @@ def test_killed_search_continues_its_studies(tmp_path: Path, smoke_chain: dict) 
     victim = run_notebook("14", tmp_path, SEARCH_PARAMS, start_new_session=True)
     kill_when(victim, lambda: sum(finished_trials(db).values()) >= 2, "two trials were stored")
     before = finished_trials(db)
-    assert 2 <= sum(before.values()) < 12, f"killed too late to test anything: {before}"
+    assert 2 <= sum(before.values()) < 9, f"killed too late to test anything: {before}"
 
     assert run_notebook("14", tmp_path, SEARCH_PARAMS).wait(timeout=900) == 0
     after = finished_trials(db)
-    assert sorted(after.values()) == [4, 4, 4], after  # each searcher at its budget, nothing run twice
+    assert sorted(after.values()) == [3, 3, 3], after  # each searcher at its budget, nothing run twice
     printed = (tmp_path / "notebooks" / "14_hyperparameter-search.ipynb").read_text()
     found = [int(n) for n in re.findall(r"(\d+) trial\(s\) found on disk", printed)]
     assert sum(found) == sum(before.values()), (found, before)  # the rerun read every stored trial back

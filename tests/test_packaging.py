@@ -47,9 +47,11 @@ LATEST_NOTEBOOKS = (
 )
 # The fresh-runtime tests check the install path and the library APIs, not the numbers (the smoke chain checks those,
 # with the same tested versions, against its baselines). So they run 03 on a tiny budget, which 05 reads from 03's
-# card: every code path, every PEFT method, a fraction of the compute.
+# card (every code path, every PEFT method, a fraction of the compute), and score fewer verses and mails in 06, 08.
 FRESH_RUNTIME_PARAMS = {
     "03_full-finetuning": {"MAX_STEPS": 4, "EVAL_EVERY": 2, "TRAIN_LIMIT": 64, "EVAL_LIMIT": 32},
+    "06_instruction-tuning": {"EVAL_VERSES": 2, "MAX_NEW_TOKENS": 8},
+    "08_prompting-few-shot": {"EVAL_LIMIT": 8},
 }
 PYPROJECT = project_table() or pytest.skip(
     "reading pyproject.toml needs Python 3.11 (tomllib)", allow_module_level=True

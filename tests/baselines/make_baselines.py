@@ -39,12 +39,15 @@ MACHINE_DEPENDENT = (
 BASELINES = Path(__file__).with_name("smoke.json")
 
 
-# (name fragment, tolerance) for figures that vary with the CPU kind; the first match wins.
+# (name pattern, tolerance) for figures that vary with the CPU kind; the first match wins.
 CROSS_MACHINE = (
     ("_delta_ppl", {"abs": 15.0}),  # perplexity after minus before: 11.8 vs 5.0 on the two kinds
     ("_bwt", {"abs": 0.05}),  # backward transfer, a difference of two losses
     ("_f1_drop_points", {"abs": 10.0}),  # F1 points on a few dozen mails: one mail moves it by 3-6
     ("perplexity", {"rel": 0.30}),  # the tiny GPT's text perplexities (sampled text differs token by token)
+    # 17 keeps the int8 variant with the better validation F1; per-tensor and per-channel tie within a mail or two
+    # at smoke scale, so the kept one differs between the kinds (0.667 on AVX2, 0.720 on AVX-512).
+    ("^int8_f1$", {"abs": 0.10}),
 )
 # Left out: noise over noise at smoke scale, and the words decided by such figures: 12's forgetting_halved reads
 # best_forgetting_cut (True on the AVX-512 kind, False on the AVX2 kind), 19's sampling-vs-human verdict compares
@@ -61,12 +64,13 @@ RATIOS_OF_SMALL_DIFFERENCES = (
     "_test_ce_v",
     "_test_ce_reading",
     "kept_on_validation",
+    "int8_variant",  # 17's near tie on validation (above)
 )
 
 
 def tolerance(name: str, value: float) -> dict[str, float]:
-    for fragment, wider in CROSS_MACHINE:
-        if fragment in name:
+    for pattern, wider in CROSS_MACHINE:
+        if re.search(pattern, name):
             return dict(wider)
     if 0.0 <= value <= 1.0 and isinstance(value, float):
         return {"abs": 0.05}
