@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +257,18 @@ def answer_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
         logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
     )
     return -nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def answer_batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of a `preference_loader` as rows for `representations.embed`: every answer (the chosen ones
+    first, then the rejected ones, as the collate lays them out) with `labels` 1 for chosen and 0 for rejected."""
+    for batch in loader:
+        half = batch["input_ids"].shape[0] // 2
+        yield {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "labels": torch.tensor([1] * half + [0] * half),
+        }
 
 
 @torch.no_grad()

@@ -130,6 +130,22 @@ def test_answer_logps_sum_only_the_answer_tokens(tokenizer):
     assert sums[0].item() == pytest.approx(by_hand, abs=1e-5)
 
 
+def test_answer_batches_label_the_chosen_half_and_embed_each_answer_at_its_last_token(tokenizer):
+    from mfkit.representations import embed
+
+    model = tiny_gpt2(len(tokenizer)).eval()
+    tokenized = pref.tokenize_preferences(pair_data(tokenizer), tokenizer, 64)
+    loader = pref.preference_loader(tokenized, tokenizer, batch_size=3, shuffle=False)
+    vectors, labels = embed(model, pref.answer_batches(loader), how="last")
+    assert labels.tolist()[:6] == [1, 1, 1, 0, 0, 0] and len(vectors) == 2 * len(tokenized)
+    row = tokenized[0]  # its chosen answer alone, unpadded: the state at its last token
+    with torch.no_grad():
+        hidden = model(
+            input_ids=torch.tensor([row["chosen_input_ids"]]), output_hidden_states=True
+        ).hidden_states
+    assert torch.allclose(torch.from_numpy(vectors[0]), hidden[-1][0, -1], atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The reference cache, the loss on the kit's loop
 
