@@ -46,15 +46,3 @@ def smoke_chain(tmp_path_factory) -> dict:
     summary = json.loads((output / "summary.json").read_text())
     return {**summary, "exit_code": code, "output": output}
 
-
-# Tests that read the smoke chain's outputs, whether through the fixture or by looking for it (test_book).
-CHAIN_READERS = ("test_book.py", "test_browser.py", "test_chain.py")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """For `pytest -n 2 --dist loadgroup` (what `.ci/run` uses): one worker group for the smoke chain and every
-    test that reads it, so the chain runs once; every other test file a group of its own, so its module-scoped
-    fixtures (a venv, a trained toy model) are built once. Without xdist the marks change nothing."""
-    for item in items:
-        reads_chain = "smoke_chain" in item.fixturenames or item.path.name in CHAIN_READERS
-        item.add_marker(pytest.mark.xdist_group("smoke_chain" if reads_chain else item.path.stem))
