@@ -45,4 +45,3 @@ def smoke_chain(tmp_path_factory) -> dict:
     code = main(["run", "--profile", "smoke", "--jobs", str(SMOKE_JOBS), "--output", str(output)])
     summary = json.loads((output / "summary.json").read_text())
     return {**summary, "exit_code": code, "output": output}
-
