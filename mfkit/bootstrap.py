@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import MfkitError
-from .install import run_pip, tested_constraints
+from .install import installed_version, run_pip, tested_constraints
 from .paths import REPO_DIR, in_clone
 
 SOURCE_ENV = "MFKIT_SOURCE"
@@ -112,27 +112,41 @@ def missing(packages: Sequence[Package] = EMBEDDED) -> list[Package]:
 
 
 _NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_EXTRA = re.compile(r"extra\s*==\s*['\"]([^'\"]+)['\"]")
+
+
+def installed_requirements(distribution: str = DISTRIBUTION) -> tuple[list[str], dict[str, list[str]]]:
+    """(core requirements, {extra: requirements}) from the installed metadata of `distribution`; an extra's
+    marker is dropped, any other marker stays on its requirement. Standard library only."""
+    core: list[str] = []
+    extras: dict[str, list[str]] = {}
+    for entry in importlib.metadata.requires(distribution) or []:
+        requirement, _, marker = entry.partition(";")
+        extra = _EXTRA.search(marker)
+        if extra:
+            extras.setdefault(extra[1], []).append(requirement.strip())
+        else:
+            core.append(entry.strip())
+    return core, extras
 
 
 def missing_dependencies(distribution: str = DISTRIBUTION) -> list[str]:
     """The names of `distribution`'s own dependencies (not its extras') that are not installed.
 
     Not empty after a setup cell whose second step failed (the network dropped while `install.py` ran): the kit
-    is importable, its dependencies are not all there. Markers other than extras are evaluated where
-    `packaging` is installed, else the requirement counts as needed."""
+    is importable, its dependencies are not all there. Markers are evaluated where `packaging` is installed, else
+    the requirement counts as needed."""
     try:
-        requirements = importlib.metadata.requires(distribution) or []
+        core, _ = installed_requirements(distribution)
     except importlib.metadata.PackageNotFoundError:
         return []
     absent = []
-    for requirement in requirements:
-        _, _, marker = requirement.partition(";")
-        if "extra" in marker or (marker.strip() and not _marker_holds(marker)):
+    for entry in core:
+        requirement, _, marker = entry.partition(";")
+        if marker.strip() and not _marker_holds(marker):
             continue
         name = _NAME.match(requirement)[1]
-        try:
-            importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
+        if installed_version(name) is None:
             absent.append(name)
     return absent
 

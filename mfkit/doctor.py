@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 
-from .bootstrap import DISTRIBUTION, EMBEDDED, project_table
+from .bootstrap import DISTRIBUTION, EMBEDDED, installed_requirements, project_table
 from .install import CONSTRAINTS, LATEST_ENV, drift, installed_version, latest_requested, pins
 from .paths import NOTEBOOK_GLOB, artifacts_location, in_clone, notebooks_dir, runs_dir
 
@@ -52,13 +51,7 @@ def requirements() -> tuple[list[str], dict[str, list[str]]]:
     project = project_table()
     if project is not None:
         return list(project.get("dependencies", [])), dict(project.get("optional-dependencies", {}))
-    core: list[str] = []
-    extras: dict[str, list[str]] = {}
-    for entry in importlib.metadata.requires(DISTRIBUTION) or []:
-        requirement, _, marker = entry.partition(";")
-        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
-        (extras.setdefault(extra[1], []) if extra else core).append(requirement.strip())
-    return core, extras
+    return installed_requirements()
 
 
 def check_requirement(text: str, core: bool, why: str) -> Check:

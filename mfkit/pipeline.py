@@ -143,11 +143,12 @@ def generation_waterfall(artifacts: str | Path, steps: Sequence[Step] = GENERATI
             }
         )
     table = pd.DataFrame(rows).set_index("step")
-    same_verses = table["notebook"] == (
-        table.loc[GENERATION_START, "notebook"] if GENERATION_START in table.index else ""
-    )
-    start = table.loc[GENERATION_START, "chrF"] if GENERATION_START in table.index else np.nan
-    table.insert(3, "chrF - start", (table["chrF"] - start).where(same_verses))
+    if GENERATION_START in table.index:
+        start = table.loc[GENERATION_START]
+        difference = (table["chrF"] - start["chrF"]).where(table["notebook"] == start["notebook"])
+    else:
+        difference = np.nan
+    table.insert(3, "chrF - start", difference)
     return table
 
 

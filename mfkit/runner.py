@@ -57,9 +57,8 @@ class Notebook:
     path: Path
     requires: tuple[str, ...] = ()
     parameters: frozenset[str] = frozenset()
-    after: tuple[
-        str, ...
-    ] = ()  # read where they ran, not needed: waited for side by side, never a reason to skip
+    # Notebooks whose results it reads where they ran: waited for side by side, never a reason to skip it.
+    after: tuple[str, ...] = ()
 
 
 @dataclass
